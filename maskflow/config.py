@@ -1,0 +1,246 @@
+"""YAML configs with ``key=value`` overrides, validated against a dataclass schema.
+
+Every job and trainer declares its config as nested dataclasses (one file per model under ``conf/``, as in
+detectron2), loads a YAML file, applies dotted CLI overrides (``train.lr=0.01 output.uri=s3://b/x``, values parsed as
+YAML, as in timm), and gets a typed object back. Unknown keys and values of the wrong type fail fast with a
+:class:`ConfigError` whose message is one line naming the key.
+
+A YAML file may start with ``_base_: other.yaml`` (a path relative to the file) to inherit and override another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+SECRET_WORDS = ("secret", "password", "token", "access_key")
+
+
+class ConfigError(ValueError):
+    """A config problem; ``str(e)`` is one line that starts with the offending key."""
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Schema-level validation helper for ``__post_init__`` / ``validate`` methods."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str) -> dict:
+    from maskflow import storage
+
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping at top level")
+    base = data.pop("_base_", None)
+    if base:
+        base_path = base if os.path.isabs(base) or "://" in base else os.path.join(os.path.dirname(path), base)
+        data = deep_merge(load_yaml(base_path), data)
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides must look like key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+            node[p] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def build(schema: type[T], data: dict | None, prefix: str = "") -> T:
+    """Build a dataclass instance from a dict, checking keys and types recursively."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known keys: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], key)
+        elif dataclasses.is_dataclass(hints[name]):  # validate defaults of nested blocks too
+            kwargs[name] = build(hints[name], {}, prefix=f"{key}.")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    try:
+        obj = schema(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}{e}") from None
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def redacted(d: Any) -> Any:
+    """A copy safe to log: values under keys that look like secrets are replaced."""
+    if isinstance(d, dict):
+        return {
+            k: ("***" if v and any(w in str(k).lower() for w in SECRET_WORDS) else redacted(v)) for k, v in d.items()
+        }
+    if isinstance(d, list):
+        return [redacted(v) for v in d]
+    return d
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def load(schema: type[T], config_path: str | None, overrides: list[str] | None = None) -> T:
+    data = load_yaml(config_path) if config_path else {}
+    return build(schema, apply_overrides(data, overrides or []))
+
+
+def parse_cli(schema: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (local path or s3:// URI)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2")
+    args = parser.parse_args(argv)
+    return load(schema, args.config, args.overrides)
+
+
+def main_guard(fn) -> None:
+    """Run a CLI entry point; config and storage errors print one line and exit 2 (no traceback)."""
+    from maskflow.storage import StorageError
+
+    try:
+        fn()
+    except (ConfigError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

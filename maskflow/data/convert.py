@@ -1,0 +1,338 @@
+"""Converters of real data sets (in their original layouts) to COCO instances dicts.
+
+Each returns ``(coco_dict, images_uri)``; every ``file_name`` is relative to ``images_uri``. Ids are deterministic:
+images are numbered 1..N in sorted file-name order, annotations 1..M in image order. Masks become compressed RLE
+(str counts) with ``bbox`` the tight box of the mask and ``area`` its pixel count; polygon sets keep their polygons.
+
+What cannot be used (a mask whose size differs from its image, an unreadable file, a degenerate polygon, a label
+file with no image) is left out and listed in ``coco["info"]["skipped"]`` as ``{"key", "reason"}``.
+
+All reads go through :mod:`maskflow.storage`, so every root may be a local path or an s3:// prefix.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from maskflow import storage
+from maskflow.data.validate import annotations_from_masks, clean_annotation
+from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+COCO80_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip  -- the class order of YOLO labels made from COCO (coco128 and friends)
+
+
+def _stem(name: str) -> str:
+    return os.path.splitext(name)[0]
+
+
+def _open_image(uri: str, options: StorageOptions) -> Image.Image:
+    """PIL image (header read, pixels lazily) of a URI; ValueError one line if unreadable."""
+    data = storage.read_bytes(uri, options)
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.size  # noqa: B018 - forces the header parse
+        return img
+    except Exception as e:
+        raise ValueError(f"unreadable image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _read_label_map(uri: str, options: StorageOptions) -> np.ndarray:
+    """A mask PNG as its raw values (palette indices for 'P' images, grey levels for 'L'), H x W."""
+    img = _open_image(uri, options)
+    if img.mode not in ("L", "P", "1", "I", "I;16"):
+        img = img.convert("L")
+    return np.asarray(img)
+
+
+def _coco(images: list[dict], annotations: list[dict], categories: list[dict], skipped: list[dict], description: str):
+    return {
+        "info": {"description": description, "skipped": skipped},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+
+
+def _instances_from_label_map(label_map: np.ndarray, ignore: Sequence[int] = (0,)) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, N x H x W bool masks) of the distinct values of a label map, ``ignore`` values left out."""
+    ids = np.unique(label_map)
+    ids = ids[~np.isin(ids, np.asarray(ignore))]
+    masks = label_map[None, :, :] == ids[:, None, None]
+    return ids, masks
+
+
+# --------------------------------------------------------------------------------------------- Penn-Fudan
+
+
+def penn_fudan_to_coco(root: str, options: StorageOptions = DEFAULT_OPTIONS) -> tuple[dict, str]:
+    """Penn-Fudan pedestrians: ``PNGImages/*.png`` with ``PedMasks/<stem>_mask.png`` (value k = pedestrian k)."""
+    images_uri = storage.join(root, "PNGImages")
+    masks_uri = storage.join(root, "PedMasks")
+    names = [n for n in storage.list_names(images_uri, options) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    mask_names = set(storage.list_names(masks_uri, options))
+    images, annotations, skipped = [], [], []
+    for image_id, name in enumerate(names, start=1):
+        try:
+            width, height = _open_image(storage.join(images_uri, name), options).size
+        except ValueError as e:
+            skipped.append({"key": name, "reason": str(e)})
+            continue
+        images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+        mask_name = f"{_stem(name)}_mask.png"
+        if mask_name not in mask_names:
+            skipped.append({"key": mask_name, "reason": "no mask file for this image"})
+            continue
+        try:
+            label_map = _read_label_map(storage.join(masks_uri, mask_name), options)
+        except ValueError as e:
+            skipped.append({"key": mask_name, "reason": str(e)})
+            continue
+        if label_map.shape[:2] != (height, width):
+            skipped.append({"key": mask_name, "reason": f"mask size {label_map.shape[:2]} differs from image size {(height, width)}"})
+            continue
+        ids, masks = _instances_from_label_map(label_map)
+        first = len(annotations) + 1
+        anns = annotations_from_masks(masks, list(range(first, first + len(ids))), [1] * len(ids))
+        for ann, k in zip(anns, ids):
+            ann["image_id"] = image_id
+            ann["instance_value"] = int(k)
+        annotations += anns
+    categories = [{"id": 1, "name": "person", "supercategory": "person"}]
+    return _coco(images, annotations, categories, skipped, "Penn-Fudan pedestrians"), images_uri
+
+
+# --------------------------------------------------------------------------------------------- YOLO-seg
+
+
+def _category_list(class_names: Sequence[str] | None, seen: set[int]) -> list[dict]:
+    if class_names is not None:
+        return [{"id": i + 1, "name": str(n)} for i, n in enumerate(class_names)]
+    return [{"id": c + 1, "name": f"class_{c}"} for c in sorted(seen)]
+
+
+def yolo_seg_to_coco(
+    images_dir: str,
+    labels_dir: str,
+    class_names: Sequence[str] | None = None,
+    options: StorageOptions = DEFAULT_OPTIONS,
+) -> tuple[dict, str]:
+    """YOLO segmentation labels (``cls x1 y1 x2 y2 ...`` normalised to [0, 1], one object a line) to COCO.
+
+    Category id = YOLO class + 1. Polygons are scaled to pixels and clipped to the image; images without a label file
+    have no annotations; label files without an image, and polygons that do not make a mask, are skipped. With
+    ``class_names=None`` the categories are the classes seen, named ``class_<k>`` (pass :data:`COCO80_CLASSES` for
+    labels made from COCO).
+    """
+    names = [n for n in storage.list_names(images_dir, options) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    label_names = {n for n in storage.list_names(labels_dir, options) if n.endswith(".txt")}
+    image_stems = {_stem(n) for n in names}
+    skipped = [
+        {"key": n, "reason": "label file without an image"} for n in sorted(label_names) if _stem(n) not in image_stems
+    ]
+    images, annotations, seen = [], [], set()
+    for image_id, name in enumerate(names, start=1):
+        try:
+            width, height = _open_image(storage.join(images_dir, name), options).size
+        except ValueError as e:
+            skipped.append({"key": name, "reason": str(e)})
+            continue
+        images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+        label_name = f"{_stem(name)}.txt"
+        if label_name not in label_names:
+            continue
+        text = storage.read_text(storage.join(labels_dir, label_name), options)
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            key = f"{label_name}:{line_no}"
+            tokens = line.split()
+            if not tokens:
+                continue
+            try:
+                cls = int(tokens[0])
+                coords = np.asarray([float(t) for t in tokens[1:]], dtype=np.float64)
+            except ValueError:
+                skipped.append({"key": key, "reason": "label line is not numbers"})
+                continue
+            if cls < 0 or (class_names is not None and cls >= len(class_names)):
+                skipped.append({"key": key, "reason": f"class {cls} out of range"})
+                continue
+            if len(coords) % 2:
+                skipped.append({"key": key, "reason": "odd number of coordinates"})
+                continue
+            if not np.isfinite(coords).all():
+                skipped.append({"key": key, "reason": "non-finite coordinate"})
+                continue
+            xy = coords.reshape(-1, 2) * np.asarray([width, height], dtype=np.float64)
+            xy = np.clip(xy, 0.0, [float(width), float(height)])
+            polygon = [round(float(v), 2) for v in xy.reshape(-1)]
+            ann_id = len(annotations) + 1
+            raw = {"id": ann_id, "category_id": cls + 1, "segmentation": [polygon], "iscrowd": 0}
+            clean, reason = clean_annotation(raw, height, width)
+            if clean is None:
+                skipped.append({"key": key, "reason": reason})
+                continue
+            seen.add(cls)
+            annotations.append({**raw, "image_id": image_id, "bbox": clean["bbox"], "area": clean["area"]})
+    categories = _category_list(class_names, seen)
+    return _coco(images, annotations, categories, skipped, "YOLO segmentation labels"), images_dir
+
+
+# --------------------------------------------------------------------------------------------- VOC instances
+
+
+def _read_class_names(voc_root: str, options: StorageOptions) -> list[str]:
+    """Class names indexed by VOC class value (0 = background); from class_names.txt when present."""
+    uri = storage.join(voc_root, "class_names.txt")
+    if storage.exists(uri, options):
+        lines = [ln.strip() for ln in storage.read_text(uri, options).splitlines()]
+        names = [ln for ln in lines if ln]
+        if names:
+            return names
+    return ["_background_", *VOC_CLASSES]
+
+
+def voc_instances_to_coco(voc_root: str, options: StorageOptions = DEFAULT_OPTIONS) -> tuple[dict, str]:
+    """VOC instance segmentation: ``JPEGImages``, ``SegmentationObject`` and ``SegmentationClass`` PNGs.
+
+    In ``SegmentationObject`` each palette index is an instance (0 background, 255 void border); the instance's class
+    is the most common ``SegmentationClass`` index under it (0 and 255 ignored), and that index is its category id
+    (names from ``class_names.txt``, line k = class k, line 0 = background). Images without an object PNG have no
+    annotations.
+    """
+    images_uri = storage.join(voc_root, "JPEGImages")
+    obj_uri = storage.join(voc_root, "SegmentationObject")
+    cls_uri = storage.join(voc_root, "SegmentationClass")
+    class_names = _read_class_names(voc_root, options)
+    names = [n for n in storage.list_names(images_uri, options) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    obj_names = set(storage.list_names(obj_uri, options))
+    cls_names = set(storage.list_names(cls_uri, options))
+    images, annotations, skipped = [], [], []
+    for image_id, name in enumerate(names, start=1):
+        try:
+            width, height = _open_image(storage.join(images_uri, name), options).size
+        except ValueError as e:
+            skipped.append({"key": name, "reason": str(e)})
+            continue
+        images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+        png = f"{_stem(name)}.png"
+        if png not in obj_names:
+            continue
+        if png not in cls_names:
+            skipped.append({"key": png, "reason": "SegmentationObject PNG without a SegmentationClass PNG"})
+            continue
+        try:
+            objects = _read_label_map(storage.join(obj_uri, png), options)
+            classes = _read_label_map(storage.join(cls_uri, png), options)
+        except ValueError as e:
+            skipped.append({"key": png, "reason": str(e)})
+            continue
+        if objects.shape[:2] != (height, width) or classes.shape[:2] != (height, width):
+            skipped.append({"key": png, "reason": f"mask size {objects.shape[:2]} differs from image size {(height, width)}"})
+            continue
+        ids, masks = _instances_from_label_map(objects, ignore=(0, 255))
+        keep_masks, keep_ids, cats = [], [], []
+        for k, m in zip(ids, masks):
+            under = classes[m]
+            under = under[(under != 0) & (under != 255)]
+            if under.size == 0:
+                skipped.append({"key": f"{png}:{int(k)}", "reason": "instance has no class in SegmentationClass"})
+                continue
+            cat = int(np.bincount(under).argmax())
+            if cat >= len(class_names):
+                skipped.append({"key": f"{png}:{int(k)}", "reason": f"class {cat} not in class_names"})
+                continue
+            keep_masks.append(m)
+            keep_ids.append(int(k))
+            cats.append(cat)
+        if not keep_masks:
+            continue
+        first = len(annotations) + 1
+        anns = annotations_from_masks(np.stack(keep_masks), list(range(first, first + len(cats))), cats)
+        for ann, k in zip(anns, keep_ids):
+            ann["image_id"] = image_id
+            ann["instance_value"] = k
+        annotations += anns
+    categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
+    return _coco(images, annotations, categories, skipped, "VOC instance segmentation"), images_uri
+
+
+# --------------------------------------------------------------------------------------------- DAVIS
+
+
+def davis_to_coco(
+    root: str,
+    sequences: Sequence[str] | None = None,
+    resolution: str = "480p",
+    options: StorageOptions = DEFAULT_OPTIONS,
+) -> tuple[dict, str]:
+    """DAVIS 2016 (one foreground object per sequence, masks 0/255) to a COCO-video dict.
+
+    Images carry ``video_id`` and ``frame_index`` (0-based, sorted frame names); file names are ``<seq>/<frame>.jpg``
+    relative to ``JPEGImages/<resolution>``; the top-level ``videos`` list holds ``{id, name, length}``. Each frame
+    with a non-empty mask gets one annotation with ``track_id`` 1 (the object's id within its video).
+    """
+    images_uri = storage.join(root, "JPEGImages", resolution)
+    ann_root = storage.join(root, "Annotations", resolution)
+    if sequences is None:
+        sequences = storage.list_names(images_uri, options)
+    images, annotations, videos, skipped = [], [], [], []
+    for video_id, seq in enumerate(sorted(sequences), start=1):
+        frames = [n for n in storage.list_names(storage.join(images_uri, seq), options) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not frames:
+            skipped.append({"key": seq, "reason": "sequence without frames"})
+            continue
+        mask_names = set(storage.list_names(storage.join(ann_root, seq), options))
+        videos.append({"id": video_id, "name": seq, "length": len(frames)})
+        for frame_index, frame in enumerate(frames):
+            image_id = len(images) + 1
+            file_name = f"{seq}/{frame}"
+            try:
+                width, height = _open_image(storage.join(images_uri, seq, frame), options).size
+            except ValueError as e:
+                skipped.append({"key": file_name, "reason": str(e)})
+                continue
+            images.append({
+                "id": image_id, "file_name": file_name, "height": height, "width": width,
+                "video_id": video_id, "frame_index": frame_index,
+            })  # fmt: skip
+            png = f"{_stem(frame)}.png"
+            if png not in mask_names:
+                continue
+            try:
+                mask = _read_label_map(storage.join(ann_root, seq, png), options)
+            except ValueError as e:
+                skipped.append({"key": f"{seq}/{png}", "reason": str(e)})
+                continue
+            if mask.shape[:2] != (height, width):
+                skipped.append({"key": f"{seq}/{png}", "reason": f"mask size {mask.shape[:2]} differs from image size {(height, width)}"})
+                continue
+            fg = mask > 127 if mask.ndim == 2 else (mask > 127).any(axis=-1)
+            if not fg.any():
+                continue
+            ann = annotations_from_masks(fg[None], [len(annotations) + 1], [1])[0]
+            ann.update({"image_id": image_id, "video_id": video_id, "track_id": 1})
+            annotations.append(ann)
+    categories = [{"id": 1, "name": "object"}]
+    coco = _coco(images, annotations, categories, skipped, "DAVIS 2016")
+    coco["videos"] = videos
+    return coco, images_uri

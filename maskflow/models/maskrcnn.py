@@ -1,0 +1,304 @@
+"""Class-agnostic Mask R-CNN (torchvision's own implementation) used as the proposal generator.
+
+DMM-Net generates mask proposals with a class-agnostic Mask R-CNN on a ResNet-50-FPN backbone, keeping every detection
+(score threshold 0). :func:`build_maskrcnn` builds exactly that from a :class:`MaskRCNNConfig`: torchvision's
+``MaskRCNN`` with two classes (background + object), torchvision's FPN heads (``TwoMLPHead``, ``MaskRCNNHeads``,
+``MaskRCNNPredictor``) and ``AnchorGenerator``, on one of three backbones:
+
+* ``resnet50_fpn`` — torchvision's ResNet-50 + FPN (the paper's backbone); can load COCO Mask R-CNN weights
+  (``weights``, e.g. ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``): backbone, FPN, RPN and box/mask head features are
+  loaded and the class-specific predictors are re-initialised for the class-agnostic head;
+* ``resnet18_fpn`` — the same with ResNet-18 (ImageNet weights through ``weights_backbone`` only);
+* ``tiny_fpn`` — a small conv-bn-relu backbone (strides 4/8/16/32) + FPN, cheap enough to train from scratch on a CPU.
+
+Every backbone feeds five FPN levels (strides 4, 8, 16, 32 and 64 from ``LastLevelMaxPool``), so ``anchor_sizes``
+holds five sizes, one per level.
+
+Helpers convert between the shard schema (:mod:`maskflow.data.schema`) and torchvision:
+:func:`targets_from_meta` (``ImageMeta`` → training target), :func:`proposals_from_output` (prediction → the
+``proposals.json`` fields ``boxes``/``scores``/``segmentations``) and :func:`image_to_tensor`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskflow.config import ConfigError, require
+
+BACKBONES = ("resnet50_fpn", "resnet18_fpn", "tiny_fpn")
+NUM_FPN_LEVELS = 5  # strides 4, 8, 16, 32 + the max-pooled stride-64 level
+NUM_CLASSES = 2  # background + object (class-agnostic)
+
+# the Mask R-CNN weights enum that "DEFAULT" names for each backbone (None: torchvision has no detection weights)
+_DETECTION_WEIGHTS = {"resnet50_fpn": "MaskRCNN_ResNet50_FPN_Weights", "resnet18_fpn": None, "tiny_fpn": None}
+_BACKBONE_WEIGHTS = {"resnet50_fpn": "ResNet50_Weights", "resnet18_fpn": "ResNet18_Weights", "tiny_fpn": None}
+# architecture of torchvision's maskrcnn_resnet50_fpn (what COCO weights fit)
+_TORCHVISION_HEADS = {"fpn_channels": 256, "representation_size": 1024, "mask_head_channels": 256,
+                      "mask_head_layers": 4}
+
+
+@dataclass
+class MaskRCNNConfig:
+    """Architecture and inference settings of the proposal model (``model:`` section of a trainer/job config)."""
+
+    backbone: Literal["resnet50_fpn", "resnet18_fpn", "tiny_fpn"] = "resnet50_fpn"
+    width: int = 32  # tiny_fpn: channels of the first stage (doubled at each of the next three)
+    fpn_channels: int = 256
+    # torchvision weights enum name, resolved with torchvision.models.get_weight ("DEFAULT": the backbone's default)
+    weights: str | None = None  # whole Mask R-CNN (COCO); predictors are re-initialised (class-agnostic)
+    weights_backbone: str | None = None  # ImageNet backbone only (ignored when ``weights`` is set)
+    trainable_backbone_layers: int = 3  # resnet backbones with pretrained weights: 0..5 trainable stages
+    min_size: int = 800
+    max_size: int = 1333
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per FPN level
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.0  # keep everything, as DMM-Net's proposal generator
+    box_nms_thresh: float = 0.5
+    representation_size: int = 1024  # box head MLP width
+    mask_head_channels: int = 256
+    mask_head_layers: int = 4
+
+    def validate(self) -> None:
+        require(self.backbone in BACKBONES, "backbone", f"must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        require(self.fpn_channels >= 1, "fpn_channels", f"must be >= 1, got {self.fpn_channels}")
+        require(0 <= self.trainable_backbone_layers <= 5, "trainable_backbone_layers",
+                f"must be in [0, 5], got {self.trainable_backbone_layers}")
+        require(self.min_size >= 32, "min_size", f"must be >= 32, got {self.min_size}")
+        require(self.max_size >= self.min_size, "max_size",
+                f"must be >= min_size ({self.min_size}), got {self.max_size}")
+        require(len(self.anchor_sizes) == NUM_FPN_LEVELS, "anchor_sizes",
+                f"needs one size per FPN level ({NUM_FPN_LEVELS}), got {len(self.anchor_sizes)}")
+        require(all(s > 0 for s in self.anchor_sizes), "anchor_sizes", f"must be positive, got {self.anchor_sizes}")
+        require(len(self.aspect_ratios) >= 1 and all(r > 0 for r in self.aspect_ratios), "aspect_ratios",
+                f"must be a non-empty list of positive numbers, got {self.aspect_ratios}")
+        for key in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+                    "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
+                    "box_detections_per_img", "representation_size", "mask_head_channels", "mask_head_layers"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(0.0 <= self.box_score_thresh < 1.0, "box_score_thresh", f"must be in [0, 1), got {self.box_score_thresh}")
+        require(0.0 < self.box_nms_thresh <= 1.0, "box_nms_thresh", f"must be in (0, 1], got {self.box_nms_thresh}")
+        if self.weights is not None:
+            enum = resolve_weights(self.weights, _DETECTION_WEIGHTS[self.backbone], "weights", self.backbone)
+            require(type(enum).__name__ == _DETECTION_WEIGHTS[self.backbone], "weights",
+                    f"{self.weights!r} does not fit backbone {self.backbone!r} "
+                    f"(expected {_DETECTION_WEIGHTS[self.backbone]}.*)")
+            for key, value in _TORCHVISION_HEADS.items():
+                require(getattr(self, key) == value, key,
+                        f"must be {value} to load {self.weights!r} (torchvision's architecture), got {getattr(self, key)}")
+            require(len(self.aspect_ratios) == 3, "aspect_ratios",
+                    f"must hold 3 ratios to load {self.weights!r} (the RPN head has 3 anchors per location)")
+        if self.weights_backbone is not None:
+            enum = resolve_weights(self.weights_backbone, _BACKBONE_WEIGHTS[self.backbone], "weights_backbone",
+                                   self.backbone)
+            require(type(enum).__name__ == _BACKBONE_WEIGHTS[self.backbone], "weights_backbone",
+                    f"{self.weights_backbone!r} does not fit backbone {self.backbone!r} "
+                    f"(expected {_BACKBONE_WEIGHTS[self.backbone]}.*)")
+
+
+def resolve_weights(name: str, default_enum: str | None, key: str = "weights", backbone: str = "") -> Any:
+    """A torchvision ``WeightsEnum`` member from its name (``"Enum.MEMBER"``, or ``"DEFAULT"`` / a bare member name
+    for ``default_enum``); :class:`ConfigError` naming ``key`` when it does not exist. Resolving downloads nothing."""
+    from torchvision.models import get_weight
+
+    full = name
+    if "." not in name:
+        require(default_enum is not None, key,
+                f"backbone {backbone!r} has no torchvision {key.replace('_', ' ')}; got {name!r}")
+        full = f"{default_enum}.{name}"
+    try:
+        return get_weight(full)
+    except (ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{key}: unknown torchvision weights {name!r} ({type(e).__name__}: {e}); "
+                          f"expected e.g. 'MaskRCNN_ResNet50_FPN_Weights.COCO_V1' or 'DEFAULT'") from None
+
+
+# --------------------------------------------------------------------------------------------- backbones
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class TinyBackbone(nn.Module):
+    """Four conv-bn-relu stages at strides 4/8/16/32 with ``width * (1, 2, 4, 8)`` channels."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(_conv_bn_relu(3, w // 2 or 1, 2), _conv_bn_relu(w // 2 or 1, w, 2))
+        self.layer1 = _conv_bn_relu(w, w, 1)  # stride 4
+        self.layer2 = nn.Sequential(_conv_bn_relu(w, 2 * w, 2), _conv_bn_relu(2 * w, 2 * w, 1))  # 8
+        self.layer3 = nn.Sequential(_conv_bn_relu(2 * w, 4 * w, 2), _conv_bn_relu(4 * w, 4 * w, 1))  # 16
+        self.layer4 = nn.Sequential(_conv_bn_relu(4 * w, 8 * w, 2), _conv_bn_relu(8 * w, 8 * w, 1))  # 32
+        self.out_channels_list = [w, 2 * w, 4 * w, 8 * w]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # not used by IntermediateLayerGetter; for completeness
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+def _tiny_fpn(cfg: MaskRCNNConfig) -> nn.Module:
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    body = TinyBackbone(cfg.width)
+    return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+    return BackboneWithFPN(body, return_layers, body.out_channels_list, cfg.fpn_channels)
+
+
+def _resnet_fpn(cfg: MaskRCNNConfig, pretrained_detector: bool) -> nn.Module:
+    from torchvision.models import resnet
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import misc as misc_nn_ops
+
+    arch = {"resnet50_fpn": "resnet50", "resnet18_fpn": "resnet18"}[cfg.backbone]
+    weights_backbone = None
+    if cfg.weights_backbone is not None and not pretrained_detector:
+        weights_backbone = resolve_weights(cfg.weights_backbone, _BACKBONE_WEIGHTS[cfg.backbone], "weights_backbone")
+    is_trained = pretrained_detector or weights_backbone is not None
+    # as torchvision: frozen BN and partly frozen stages with pretrained weights, everything trainable from scratch
+    norm_layer = misc_nn_ops.FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    trainable = cfg.trainable_backbone_layers if is_trained else 5
+    body = getattr(resnet, arch)(weights=weights_backbone, norm_layer=norm_layer)
+    return _resnet_fpn_extractor(body, trainable)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def build_maskrcnn(cfg: MaskRCNNConfig):
+    """torchvision ``MaskRCNN`` (class-agnostic, ``num_classes=2``) as ``cfg`` describes; downloads ``cfg.weights``
+    / ``cfg.weights_backbone`` through torchvision's cache when set."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    cfg.validate()
+    pretrained = cfg.weights is not None
+    backbone = _tiny_fpn(cfg) if cfg.backbone == "tiny_fpn" else _resnet_fpn(cfg, pretrained)
+    anchors = AnchorGenerator(sizes=tuple((int(s),) for s in cfg.anchor_sizes),
+                              aspect_ratios=(tuple(float(r) for r in cfg.aspect_ratios),) * NUM_FPN_LEVELS)
+    box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size)  # 7x7: MaskRCNN's default box RoIAlign
+    mask_layers = [cfg.mask_head_channels] * cfg.mask_head_layers
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,  # predictors given explicitly
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(cfg.representation_size, NUM_CLASSES),
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_detections_per_img=cfg.box_detections_per_img,
+        box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        mask_head=MaskRCNNHeads(cfg.fpn_channels, mask_layers, 1),
+        mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels, NUM_CLASSES),
+    )
+    if pretrained:
+        _load_detection_weights(model, cfg)
+    return model
+
+
+def _load_detection_weights(model: nn.Module, cfg: MaskRCNNConfig) -> None:
+    """Load COCO Mask R-CNN weights into everything but the class-specific predictors (left freshly initialised)."""
+    from torchvision.models.detection._utils import overwrite_eps
+
+    enum = resolve_weights(cfg.weights, _DETECTION_WEIGHTS[cfg.backbone], "weights", cfg.backbone)
+    state = enum.get_state_dict(progress=True, check_hash=True)
+    predictors = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+    state = {k: v for k, v in state.items() if not k.startswith(predictors)}
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    require(not bad, "weights", f"{cfg.weights!r} does not fit this architecture: {bad[:3]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(predictors)]
+    require(not missing and not unexpected, "weights",
+            f"{cfg.weights!r} does not fit this architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if enum.name == "COCO_V1":  # as torchvision's maskrcnn_resnet50_fpn
+        overwrite_eps(model, 0.0)
+
+
+# --------------------------------------------------------------------------------------------- conversions
+
+
+def image_to_tensor(image: Any) -> torch.Tensor:
+    """uint8 CHW (tensor or array) → float32 CHW in [0, 1], what torchvision detection models take."""
+    t = torch.as_tensor(image)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"image_to_tensor expects uint8 CHW, got {t.dtype}")
+    if t.ndim != 3:
+        raise ValueError(f"image_to_tensor expects CHW, got shape {tuple(t.shape)}")
+    return t.to(torch.float32).div_(255.0)
+
+
+def targets_from_meta(meta: dict, device: Any = None) -> dict[str, torch.Tensor]:
+    """A torchvision Mask R-CNN target from an :class:`~maskflow.data.schema.ImageMeta`: ``boxes`` float32 (N, 4)
+    xyxy, ``labels`` int64 ones, ``masks`` uint8 (N, H, W). Crowd regions and boxes with no area are skipped."""
+    from pycocotools import mask as mask_utils
+
+    h, w = int(meta["height"]), int(meta["width"])
+    anns = [a for a in meta.get("annotations", ())
+            if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)],
+                         dtype=torch.float32).reshape(-1, 4)
+    if anns:
+        rles = [a["segmentation"] for a in anns]
+        for r in rles:
+            if list(r["size"]) != [h, w]:
+                raise ValueError(f"annotation mask size {r['size']} != image size {[h, w]} "
+                                 f"(image_id {meta.get('image_id')})")
+        decoded = mask_utils.decode(rles)  # one call: (H, W, N)
+        masks = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
+    else:
+        masks = torch.zeros((0, h, w), dtype=torch.uint8)
+    target = {"boxes": boxes, "labels": torch.ones(len(anns), dtype=torch.int64), "masks": masks}
+    if device is not None:
+        target = {k: v.to(device) for k, v in target.items()}
+    return target
+
+
+def proposals_from_output(output: dict, top_k: int, mask_threshold: float = 0.5) -> dict[str, list]:
+    """``boxes`` ([x, y, w, h] floats), ``scores`` (descending) and ``segmentations`` (RLE dicts, str counts) of the
+    ``top_k`` best detections in one torchvision prediction dict (masks (N, 1, H, W) probabilities, binarised at
+    ``> mask_threshold``)."""
+    from pycocotools import mask as mask_utils
+
+    scores = output["scores"].detach().float().cpu()
+    order = torch.argsort(scores, descending=True, stable=True)[: max(int(top_k), 0)]
+    scores = scores[order]
+    boxes = output["boxes"].detach().float().cpu()[order]
+    masks = output["masks"].detach().cpu()[order]
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    n, h, w = masks.shape
+    xywh = torch.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
+    if n:
+        binary = np.asfortranarray((masks > mask_threshold).numpy().astype(np.uint8).transpose(1, 2, 0))
+        rles = mask_utils.encode(binary)  # one batched call over (H, W, N)
+        segs = [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+    else:
+        segs = []
+    return {"boxes": xywh.reshape(-1, 4).tolist(), "scores": scores.tolist(), "segmentations": segs}

@@ -1,0 +1,155 @@
+"""WebDataset shards on object storage: writing, reading and manifests.
+
+A shard is a plain POSIX tar in WebDataset layout (``<key>.<suffix>`` entries, one sample's entries consecutive),
+readable by ``webdataset.WebDataset`` and ``ray.data.read_webdataset``. Shards are written deterministically (fixed
+member order, zeroed mtimes/owners), so the same samples always give the same bytes and the same checksum, and
+atomically through :func:`maskflow.storage.atomic_writer`.
+
+A stage's output directory holds::
+
+    shard-000000.tar        the samples
+    shard-000000.json       the shard's record (samples, bytes, sha256, rejects, counts), written after its tar
+    ...
+    rejects.jsonl           every rejected input with its reason
+    manifest.json           written last: the list of complete shards, totals, config, code version
+
+Consumers read shards through the manifest (:func:`shard_uris`), never by listing, so an unfinished job is never
+mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any, Iterable, Iterator
+
+from maskflow import storage
+from maskflow.data import schema
+from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def record_name(index: int) -> str:
+    return f"shard-{index:06d}.json"
+
+
+def encode_entry(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return schema.dumps(value)
+
+
+def tar_bytes(samples: Iterable[dict]) -> tuple[bytes, int]:
+    """Serialise samples (``{"__key__": str, suffix: bytes | str | JSON-able}``) into a deterministic tar.
+
+    Returns (tar bytes, number of samples).
+    """
+    buf = io.BytesIO()
+    count = 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            if "." in key or "/" in key:
+                raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+            for suffix in sorted(k for k in sample if k != "__key__"):
+                data = encode_entry(sample[suffix])
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    return buf.getvalue(), count
+
+
+def write_shard(uri: str, samples: Iterable[dict], options: StorageOptions = DEFAULT_OPTIONS) -> dict:
+    """Write samples as one shard, atomically. Returns its record: name, samples, bytes, sha256."""
+    data, count = tar_bytes(samples)
+    storage.write_bytes(uri, data, options)
+    return {"name": storage.basename(uri), "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def iter_tar_samples(stream) -> Iterator[dict]:
+    """Group consecutive tar members by key into samples ``{"__key__": key, suffix: bytes}`` (streaming)."""
+    current: dict | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            key, suffix = base.split(".", 1)
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[suffix] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def iter_shard(uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> Iterator[dict]:
+    """Stream the samples of one shard (local or s3://); values are raw bytes, decode with :func:`decode`."""
+    with storage.open_uri(uri, "rb", options) as f:
+        yield from iter_tar_samples(f)
+
+
+def decode(sample: dict) -> dict:
+    """JSON entries parsed, binary entries left as bytes (never unpickle: shards are data, not code)."""
+    out = {}
+    for k, v in sample.items():
+        out[k] = schema.loads(v) if k.endswith("json") and isinstance(v, (bytes, str)) else v
+    return out
+
+
+# --------------------------------------------------------------------------------------------- manifests
+
+
+def read_manifest(output_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> dict:
+    """The manifest of a finished stage output; FileNotFoundError if the stage has not finished."""
+    return json.loads(storage.read_text(storage.join(output_uri, MANIFEST), options))
+
+
+def try_read_manifest(output_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> dict | None:
+    try:
+        return read_manifest(output_uri, options)
+    except FileNotFoundError:
+        return None
+
+
+def shard_uris(output_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> list[str]:
+    """URIs of the complete, non-empty shards of a finished stage output, in order."""
+    manifest = read_manifest(output_uri, options)
+    return [storage.join(output_uri, s["name"]) for s in manifest["shards"] if s["samples"] > 0]
+
+
+def iter_samples(output_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> Iterator[dict]:
+    """Every decoded sample of a finished stage output, in shard order."""
+    for uri in shard_uris(output_uri, options):
+        for sample in iter_shard(uri, options):
+            yield decode(sample)
+
+
+def verify(output_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> list[str]:
+    """Check every shard against the manifest's byte count and checksum; returns the problems found."""
+    problems = []
+    for rec in read_manifest(output_uri, options)["shards"]:
+        if rec["samples"] == 0:
+            continue
+        data = storage.read_bytes(storage.join(output_uri, rec["name"]), options)
+        if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            problems.append(f"{rec['name']}: checksum mismatch")
+    return problems

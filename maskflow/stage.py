@@ -1,0 +1,370 @@
+"""The stage harness: every Ray Data job that writes samples into WebDataset shards runs through :func:`run_stage`.
+
+A stage plugs in three things (see :class:`Stage`):
+
+* ``plan()`` on the driver: the deterministic list of :class:`WorkUnit` (one per output shard, each naming its
+  inputs: image records, an input shard...) plus inputs rejected while planning;
+* ``setup()`` once per worker actor (load a model, open a dataset);
+* ``process(unit)`` in the actor: yields samples (``{"__key__": ..., suffix: value}``), :class:`Reject` and
+  :class:`Count` items.
+
+The harness gives every stage the same guarantees:
+
+* deterministic shard names (``shard-000012.tar``) and contents; each shard written atomically, so no partial shard
+  is ever visible; a record (``shard-000012.json``) written after each shard marks it finished;
+* resume: a re-run with the same output skips finished shards; a re-run over complete output (manifest present, same
+  plan) is a no-op; an output holding a *different* job's manifest is refused;
+* rejected inputs with their reasons go to ``rejects.jsonl`` next to the shards, are counted and logged;
+* the manifest (per-shard sample counts and checksums, totals, config, code version) is written last;
+* the work runs as Ray Data ``map_batches`` over an actor pool (one GPU per actor when the stage wants one and the
+  cluster has them), with per-shard progress logged;
+* one MLflow run per job with its config, counts, throughput, manifest and rejects.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import logging
+import pickle
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from maskflow import shards, storage, tracking
+from maskflow.config import require
+from maskflow.storage import DEFAULT_OPTIONS, StorageError, StorageOptions
+from maskflow.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputConfig:
+    uri: str = ""
+    samples_per_shard: int = 64  # target shard size in samples (the unit of resume)
+
+    def validate(self) -> None:
+        require(bool(self.uri), "uri", "required: where the shards go (local path or s3://bucket/prefix)")
+        require(self.samples_per_shard > 0, "samples_per_shard", "must be positive")
+
+
+@dataclass
+class ComputeConfig:
+    workers: int = 1  # actors in the pool
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 when the stage can use a GPU and the cluster has GPUs, else 0
+    memory_per_worker_gb: float | None = None  # Ray memory reservation for heavy workers (models)
+
+    def validate(self) -> None:
+        require(self.workers >= 1, "workers", "must be at least 1")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        require(self.gpus_per_worker is None or self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+
+
+@dataclass
+class WorkUnit:
+    index: int  # output shard index
+    items: list[Any]  # picklable descriptions of the inputs (records, shard URIs...)
+    source: str = ""  # human-readable origin, for logs
+    expected_inputs: int | None = None  # inputs in the unit when items are containers (an input shard); else len(items)
+
+    @property
+    def num_inputs(self) -> int:
+        return self.expected_inputs if self.expected_inputs is not None else len(self.items)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(pickle.dumps((self.index, self.items), protocol=4)).hexdigest()[:16]
+
+
+@dataclass
+class Reject:
+    key: str  # the rejected input's id (image id, annotation id, file name...)
+    reason: str
+    kind: str = "sample"  # "sample" rejects count against inputs; others ("annotation") are finer-grained
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "kind": self.kind, "reason": self.reason, "source": self.source}
+
+
+@dataclass
+class Count:
+    """A stage-specific counter increment (e.g. annotations written), summed into the manifest."""
+
+    name: str
+    value: int = 1
+
+
+@dataclass
+class Plan:
+    units: list[WorkUnit]
+    rejects: list[Reject] = field(default_factory=list)  # inputs rejected while planning
+
+
+class Stage(abc.ABC):
+    """Base class of a shard-writing stage. Subclasses are pickled to the workers: keep heavy state out of __init__."""
+
+    name = "stage"
+    wants_gpu = False  # True for model-inference stages
+
+    @abc.abstractmethod
+    def plan(self) -> Plan:
+        """Driver side: the deterministic work units, and inputs rejected while planning."""
+
+    def setup(self) -> None:
+        """Runs once in each worker actor before any unit (load models here)."""
+
+    @abc.abstractmethod
+    def process(self, unit: WorkUnit) -> Iterator[dict | Reject | Count]:
+        """Worker side: the samples of one unit, plus its rejects and counts."""
+
+    def fingerprint_config(self) -> Any:
+        """What, besides the plan, determines the output (changing it makes old output incompatible)."""
+        return {}
+
+
+# --------------------------------------------------------------------------------------------- worker side
+
+
+def process_unit(stage: Stage, unit: WorkUnit, output_uri: str, job_fingerprint: str, options: StorageOptions) -> dict:
+    """Run one unit: write its shard (if any sample survived), then its record. Returns the record."""
+    samples: list[dict] = []
+    rejects: list[dict] = []
+    counts: dict[str, int] = {}
+    started = time.perf_counter()
+    for item in stage.process(unit):
+        if isinstance(item, Reject):
+            rejects.append(item.to_dict())
+        elif isinstance(item, Count):
+            counts[item.name] = counts.get(item.name, 0) + item.value
+        else:
+            samples.append(item)
+    name = shards.shard_name(unit.index)
+    if samples:
+        record = shards.write_shard(storage.join(output_uri, name), samples, options)
+    else:  # every input rejected: nothing to write, but the unit is finished
+        record = {"name": name, "samples": 0, "bytes": 0, "sha256": ""}
+    record.update(
+        index=unit.index,
+        inputs=unit.num_inputs,
+        rejects=rejects,
+        counts=counts,
+        unit_fingerprint=unit.fingerprint(),
+        job_fingerprint=job_fingerprint,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    storage.write_text(storage.join(output_uri, shards.record_name(unit.index)), json.dumps(record), options)
+    return record
+
+
+class _UnitWorker:
+    """Ray Data actor: sets the stage up once, then turns each incoming unit into a shard."""
+
+    def __init__(self, stage: Stage, output_uri: str, job_fingerprint: str, options: StorageOptions):
+        self.stage, self.output_uri, self.job_fingerprint, self.options = stage, output_uri, job_fingerprint, options
+        self.stage.setup()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = []
+        for payload in batch["unit"]:
+            unit = pickle.loads(payload)
+            records.append(json.dumps(process_unit(self.stage, unit, self.output_uri, self.job_fingerprint, self.options)))
+        return {"record": np.array(records, dtype=object)}
+
+
+# --------------------------------------------------------------------------------------------- driver side
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout
+        return (sha or "unknown") + ("-dirty" if sha and dirty.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def job_fingerprint(stage: Stage, plan: Plan) -> str:
+    h = hashlib.sha256()
+    h.update(stage.name.encode())
+    h.update(json.dumps(stage.fingerprint_config(), sort_keys=True, default=str).encode())
+    for unit in plan.units:
+        h.update(unit.fingerprint().encode())
+    return h.hexdigest()[:20]
+
+
+def _finished_records(output_uri: str, fingerprint: str, options: StorageOptions) -> dict[int, dict]:
+    done = {}
+    for name in storage.list_names(output_uri, options):
+        if not (name.startswith("shard-") and name.endswith(".json")):
+            continue
+        rec = json.loads(storage.read_text(storage.join(output_uri, name), options))
+        if rec.get("job_fingerprint") == fingerprint:
+            done[rec["index"]] = rec
+    return done
+
+
+def _resources(stage: Stage, compute: ComputeConfig) -> dict:
+    from maskflow.runtime import cluster_has_gpus
+
+    gpus = compute.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if stage.wants_gpu and cluster_has_gpus() else 0.0
+    res: dict[str, Any] = {"num_cpus": compute.cpus_per_worker, "num_gpus": gpus}
+    if compute.memory_per_worker_gb:
+        res["memory"] = int(compute.memory_per_worker_gb * (1 << 30))
+    return res
+
+
+def _execute(stage: Stage, units: list[WorkUnit], output_uri: str, fingerprint: str, compute: ComputeConfig,
+             options: StorageOptions) -> Iterator[dict]:
+    import ray
+
+    items = [{"index": u.index, "unit": pickle.dumps(u, protocol=4)} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _UnitWorker,
+        fn_constructor_kwargs=dict(stage=stage, output_uri=output_uri, job_fingerprint=fingerprint, options=options),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(compute.workers, len(units))),
+        **_resources(stage, compute),
+    )
+    for row in ds.iter_rows():
+        yield json.loads(row["record"])
+
+
+def run_stage(
+    stage: Stage,
+    output: OutputConfig,
+    compute: ComputeConfig,
+    tracking_cfg: TrackingConfig | None,
+    job_config: Any,
+    options: StorageOptions = DEFAULT_OPTIONS,
+    ray_cfg: Any = None,
+) -> dict:
+    """Plan, resume, execute, and seal a stage's output with its manifest. Returns the manifest.
+
+    Inputs and output are checked (and the plan made) before Ray starts, so a bad URI, a missing bucket or bad
+    credentials fail in seconds with one line.
+    """
+    uri = output.uri
+    storage.check_uri(uri, for_write=True, options=options, what="output.uri")
+    plan = stage.plan()
+    fingerprint = job_fingerprint(stage, plan)
+
+    existing = shards.try_read_manifest(uri, options)
+    if existing is not None:
+        if existing.get("job_fingerprint") == fingerprint:
+            log.info("[%s] %s is already complete (%d samples in %d shards): nothing to do",
+                     stage.name, uri, existing["samples"], len(existing["shards"]))
+            return existing
+        raise StorageError(
+            f"output.uri: {uri} already holds the finished output of a different job or config; choose a new output"
+        )
+    stale = storage.remove_stale_temporaries(uri)
+    if stale:
+        log.info("[%s] removed %d temporary files left by an interrupted run", stage.name, stale)
+    done = _finished_records(uri, fingerprint, options)
+    pending = [u for u in plan.units if u.index not in done]
+    if pending:
+        from maskflow.runtime import RayConfig, init_ray
+
+        init_ray(ray_cfg or RayConfig())
+    log.info("[%s] %d shards planned, %d already finished, %d to do; %d inputs rejected while planning",
+             stage.name, len(plan.units), len(done), len(pending), len(plan.rejects))
+
+    run_ctx = tracking.job_run(tracking_cfg, stage.name, job_config, {"maskflow.output": uri}, options) \
+        if tracking_cfg else _null_run()
+    with run_ctx as run:
+        started = time.perf_counter()
+        new_samples = 0
+        records = dict(done)
+        for n, rec in enumerate(_execute(stage, pending, uri, fingerprint, compute, options) if pending else [], 1):
+            records[rec["index"]] = rec
+            new_samples += rec["samples"]
+            elapsed = time.perf_counter() - started
+            log.info("[%s] shard %d/%d %s: %d samples, %d rejected (%.1f samples/s)", stage.name, n, len(pending),
+                     rec["name"], rec["samples"], len(rec["rejects"]), new_samples / max(elapsed, 1e-9))
+        elapsed = time.perf_counter() - started
+        missing = [u.index for u in plan.units if u.index not in records]
+        if missing:
+            raise RuntimeError(f"[{stage.name}] units {missing[:10]} produced no record; re-run to resume")
+        manifest = _seal(stage, plan, records, uri, fingerprint, job_config, options)
+        metrics = {
+            "inputs": manifest["inputs"],
+            "samples": manifest["samples"],
+            "rejected": manifest["rejected"],
+            "shards": len(manifest["shards"]),
+            "seconds": elapsed,
+            "samples_per_s": new_samples / max(elapsed, 1e-9),
+            **{f"count.{k}": v for k, v in manifest["counts"].items()},
+        }
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            mlflow.log_dict(manifest, "manifest.json")
+            mlflow.log_text(storage.read_text(storage.join(uri, shards.REJECTS), options), "rejects.jsonl")
+            manifest["mlflow_run_id"] = run.info.run_id
+    log.info("[%s] done: %d inputs -> %d samples in %d shards, %d rejected (rejects: %s)", stage.name,
+             manifest["inputs"], manifest["samples"], len(manifest["shards"]), manifest["rejected"],
+             storage.join(uri, shards.REJECTS))
+    return manifest
+
+
+def _seal(stage: Stage, plan: Plan, records: dict[int, dict], uri: str, fingerprint: str, job_config: Any,
+          options: StorageOptions) -> dict:
+    """Write rejects.jsonl, then the manifest (last: its presence means the output is complete)."""
+    from maskflow import config as config_lib
+
+    ordered = [records[u.index] for u in plan.units]
+    rejects = [r.to_dict() for r in plan.rejects] + [r for rec in ordered for r in rec["rejects"]]
+    storage.write_text(storage.join(uri, shards.REJECTS), "".join(json.dumps(r) + "\n" for r in rejects), options)
+    counts: dict[str, int] = {}
+    for rec in ordered:
+        for k, v in rec["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    by_kind: dict[str, int] = {}
+    for r in rejects:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+    unit_inputs = sum(rec["inputs"] for rec in ordered)
+    plan_sample_rejects = sum(1 for r in plan.rejects if r.kind == "sample")
+    manifest = {
+        "stage": stage.name,
+        "job_fingerprint": fingerprint,
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": unit_inputs + plan_sample_rejects,
+        "samples": sum(rec["samples"] for rec in ordered),
+        "rejected": by_kind.get("sample", 0),
+        "rejected_by_kind": by_kind,
+        "counts": counts,
+        "shards": [{k: rec[k] for k in ("name", "samples", "bytes", "sha256")} for rec in ordered],
+        "config": config_lib.redacted(config_lib.to_dict(job_config)) if job_config is not None else None,
+    }
+    storage.write_text(storage.join(uri, shards.MANIFEST), json.dumps(manifest, indent=1), options)
+    return manifest
+
+
+class _null_run:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,159 @@
+"""Proposals stage: class-agnostic Mask R-CNN proposals for every image, as ``proposals`` samples.
+
+Input is a stage output of ``image`` samples (one output shard per input shard) or a COCO dataset. Each actor of the
+pool loads the model once and runs batched inference (a GPU per actor when the cluster has GPUs). Per image it keeps
+the ``top_k`` best masks at score threshold 0 (DMM-Net, 001_6622dcd01de272f9.txt sec. 4.1: top 50; FFD-Net refines up
+to 1000), as COCO RLE with boxes and scores, and the mask IoU of every proposal against every ground-truth instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from maskflow import shards, storage
+from maskflow.config import require
+from maskflow.data import schema
+from maskflow.data.validate import decode_image
+from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn
+from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
+from maskflow.runtime import Common
+from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched
+from maskflow.stages.ingest import CocoInputConfig, image_sample, plan_coco_units
+from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+from ops.masks import mask_iou
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProposalsInputConfig:
+    shards: str | None = None  # a stage output of image samples (directory with manifest.json)
+    coco: CocoInputConfig | None = None  # or a COCO dataset (annotations json + images directory)
+
+    def validate(self) -> None:
+        require((self.shards is None) != (self.coco is None), "shards",
+                "set exactly one of input.shards (image shards) or input.coco (a COCO dataset)")
+
+
+@dataclass
+class ProposalModelConfig:
+    uri: str = ""  # models:/name@alias | runs:/.. | .pt checkpoint (local/s3) | checkpoint dir | torchvision:<Weights>
+    arch: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)  # for checkpoints (registry models carry their own)
+
+
+@dataclass
+class ProposalSettings:
+    top_k: int = 50  # proposals kept per image (DMM-Net: 50; FFD-Net: up to 1000)
+    score_thresh: float = 0.0
+    nms_thresh: float = 0.5
+    mask_threshold: float = 0.5
+    batch_size: int = 4  # images per forward pass
+    amp: bool = False  # fp16 autocast on GPU
+
+    def validate(self) -> None:
+        require(1 <= self.top_k <= 1000, "top_k", "must be in 1..1000")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+
+
+@dataclass
+class ProposalsConfig(Common):
+    input: ProposalsInputConfig = field(default_factory=ProposalsInputConfig)
+    model: ProposalModelConfig = field(default_factory=ProposalModelConfig)
+    proposals: ProposalSettings = field(default_factory=ProposalSettings)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+class ProposalsStage(Stage):
+    name = "proposals"
+    wants_gpu = True
+
+    def __init__(self, cfg: ProposalsConfig, options: StorageOptions = DEFAULT_OPTIONS, tracking_uri: str | None = None):
+        check_model_uri(cfg.model.uri)
+        self.cfg, self.options, self.tracking_uri = cfg, options, tracking_uri
+        self.model = None
+
+    # -- driver
+    def plan(self) -> Plan:
+        inp = self.cfg.input
+        if inp.coco is not None:
+            return plan_coco_units(inp.coco, self.cfg.output.samples_per_shard, self.options)
+        storage.check_uri(storage.join(inp.shards, shards.MANIFEST), for_write=False, options=self.options,
+                          what="input.shards (manifest)")
+        manifest = shards.read_manifest(inp.shards, self.options)
+        units = []
+        for index, rec in enumerate(s for s in manifest["shards"] if s["samples"] > 0):
+            uri = storage.join(inp.shards, rec["name"])
+            units.append(WorkUnit(index, [uri], source=uri, expected_inputs=rec["samples"]))
+        return Plan(units)
+
+    def fingerprint_config(self):
+        return {"model": self.cfg.model.uri, "proposals": vars(self.cfg.proposals)}
+
+    # -- worker
+    def setup(self) -> None:
+        if self.tracking_uri:
+            import mlflow
+
+            storage.mlflow_environment(self.options)
+            mlflow.set_tracking_uri(self.tracking_uri)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        p = self.cfg.proposals
+        self.model = load_maskrcnn(self.cfg.model.uri, self.cfg.model.arch, self.options, self.device)
+        configure_for_proposals(self.model, p.top_k, p.score_thresh, p.nms_thresh)
+
+    def _input_samples(self, unit: WorkUnit) -> Iterator[dict | Reject]:
+        """Image samples of a unit (decoded meta, raw image bytes), from a shard or from COCO records."""
+        if self.cfg.input.coco is not None:
+            for record in unit.items:
+                for item in image_sample(record, unit.source, self.options):
+                    if isinstance(item, (dict, Reject)):
+                        yield item
+            return
+        for uri in unit.items:
+            for sample in shards.iter_shard(uri, self.options):
+                if schema.IMAGE not in sample or schema.META not in sample:
+                    yield Reject(sample["__key__"], "sample lacks its image or json entry", source=uri)
+                    continue
+                yield {**sample, schema.META: schema.loads(sample[schema.META])}
+
+    def process(self, unit: WorkUnit) -> Iterator[dict | Reject]:
+        decoded = self._decoded(unit)
+        for batch in batched(decoded, self.cfg.proposals.batch_size):
+            rejects = [b for b in batch if isinstance(b, Reject)]
+            yield from rejects
+            good = [b for b in batch if not isinstance(b, Reject)]
+            if good:
+                yield from self.infer([s for s, _ in good], [t for _, t in good])
+
+    def _decoded(self, unit: WorkUnit) -> Iterator[tuple[dict, torch.Tensor] | Reject]:
+        for sample in self._input_samples(unit):
+            if isinstance(sample, Reject):
+                yield sample
+                continue
+            try:
+                yield sample, image_to_tensor(decode_image(sample[schema.IMAGE]))
+            except ValueError as e:
+                yield Reject(sample["__key__"], str(e), source=unit.source)
+
+    @torch.inference_mode()
+    def infer(self, samples: list[dict], images: list[torch.Tensor]) -> list[dict]:
+        p = self.cfg.proposals
+        with torch.autocast(self.device.type, enabled=p.amp and self.device.type == "cuda"):
+            outputs = self.model([im.to(self.device, non_blocking=True) for im in images])
+        results = []
+        for sample, output in zip(samples, outputs):
+            props = proposals_from_output(output, p.top_k, p.mask_threshold)
+            meta = sample[schema.META]
+            anns = meta["annotations"]
+            iou = mask_iou(props["segmentations"], [a["segmentation"] for a in anns], [a["iscrowd"] for a in anns])
+            props.update(iou=iou.round(6).tolist(), model=self.cfg.model.uri, height=meta["height"],
+                         width=meta["width"])
+            results.append({"__key__": sample["__key__"], schema.IMAGE: sample[schema.IMAGE], schema.META: meta,
+                            schema.PROPOSALS: props})
+        return results
+

@@ -1,0 +1,193 @@
+"""MLflow: one tracking set-up for every job, run helpers, and the model registry.
+
+Every job (stage, training, evaluation) is an MLflow run with its resolved config logged as params and as
+``config.yaml``. Models are registered under a name; a freshly trained version gets the alias ``candidate``; only
+:func:`promote` (an explicit step that compares evaluation metrics) moves ``champion``. Users load
+``models:/<name>@champion``.
+
+Locally the backend is sqlite (the registry needs a database); on a cluster it is a tracking server
+(``http://...``) with S3 artifacts, for which :func:`maskflow.storage.mlflow_environment` sets the endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from maskflow import config as config_lib
+from maskflow import storage
+from maskflow.config import require
+from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+EVAL_TAG_PREFIX = "eval."
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///runs/mlflow.db"  # relative sqlite paths resolve against the working directory
+    experiment: str = "maskflow"
+    artifact_location: str | None = None  # for new experiments; None: runs/mlartifacts beside a sqlite db
+
+    def validate(self) -> None:
+        require(bool(self.tracking_uri), "tracking_uri", "must not be empty")
+        require(bool(self.experiment), "experiment", "must not be empty")
+
+
+def resolved_tracking_uri(cfg: TrackingConfig) -> str:
+    """Absolute form of the tracking URI, so Ray workers with another working directory reach the same db."""
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = os.path.abspath(uri[len("sqlite:///") :])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return f"sqlite:///{path}"
+    if "://" not in uri:  # a plain directory: file store
+        return os.path.abspath(uri)
+    return uri
+
+
+def setup(cfg: TrackingConfig, options: StorageOptions = DEFAULT_OPTIONS) -> str:
+    """Point this process's MLflow client at the tracking backend and experiment; returns the experiment id."""
+    import mlflow
+
+    storage.mlflow_environment(options)
+    uri = resolved_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        mlflow.set_experiment(cfg.experiment)
+        return experiment.experiment_id
+    location = cfg.artifact_location
+    if location is None and uri.startswith("sqlite:///"):
+        location = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
+    with contextlib.suppress(Exception):  # another process may create it first
+        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    return mlflow.set_experiment(cfg.experiment).experiment_id
+
+
+def log_config(cfg: Any) -> None:
+    """Log a resolved config: flattened params (secrets redacted) and the YAML as an artifact."""
+    import mlflow
+
+    flat = config_lib.flatten(config_lib.redacted(config_lib.to_dict(cfg)))
+    mlflow.log_params({k: ("" if v is None else str(v))[:6000] for k, v in flat.items()})
+    mlflow.log_text(config_lib.dump_yaml(cfg), "config.yaml")
+
+
+@contextlib.contextmanager
+def job_run(
+    cfg: TrackingConfig, run_name: str, job_config: Any, tags: dict | None = None, options: StorageOptions = DEFAULT_OPTIONS
+) -> Iterator[Any]:
+    """An MLflow run for one job, with its config logged; yields the active run."""
+    import mlflow
+
+    setup(cfg, options)
+    with mlflow.start_run(run_name=run_name, tags={"maskflow.job": run_name, **(tags or {})}) as run:
+        log_config(job_config)
+        yield run
+
+
+def log_dict_artifact(data: dict, name: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(data, name)
+
+
+def log_file_artifact(local_path: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(local_path, artifact_path)
+
+
+def log_text_artifact(text: str, name: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, name)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def register_logged_model(model_uri: str, name: str, run_id: str | None = None) -> str:
+    """Register a logged model (``runs:/...`` or ``models:/m-...``) as a new version of ``name``; alias it candidate."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name).version
+    client().set_registered_model_alias(name, CANDIDATE, version)
+    if run_id:
+        client().set_model_version_tag(name, version, "run_id", run_id)
+    return str(version)
+
+
+def model_version_for_alias(name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def record_evaluation(name: str, version: str, metrics: dict[str, float], run_id: str | None = None) -> None:
+    """Attach evaluation metrics to a model version (as tags), so promotion compares versions directly."""
+    c = client()
+    for k, v in metrics.items():
+        c.set_model_version_tag(name, version, f"{EVAL_TAG_PREFIX}{k}", repr(float(v)))
+    if run_id:
+        c.set_model_version_tag(name, version, "eval.run_id", run_id)
+
+
+def evaluation_metric(name: str, version: str, metric: str) -> float | None:
+    tags = client().get_model_version(name, version).tags
+    value = tags.get(f"{EVAL_TAG_PREFIX}{metric}")
+    return None if value is None else float(value)
+
+
+def promote(name: str, metric: str, version: str | None = None, higher_is_better: bool = True) -> dict:
+    """Move ``champion`` to ``version`` (default: the candidate) only if its evaluation ``metric`` beats the champion's.
+
+    Returns what was decided, with both values. A version without a recorded evaluation is never promoted.
+    """
+    if version is None:
+        cand = model_version_for_alias(name, CANDIDATE)
+        if cand is None:
+            raise ValueError(f"model {name!r} has no {CANDIDATE!r} version to promote")
+        version = str(cand.version)
+    new_value = evaluation_metric(name, version, metric)
+    if new_value is None:
+        raise ValueError(f"model {name!r} version {version} has no evaluation metric {metric!r}: evaluate it first")
+    champ = model_version_for_alias(name, CHAMPION)
+    old_value = evaluation_metric(name, str(champ.version), metric) if champ is not None else None
+    better = old_value is None or (new_value > old_value if higher_is_better else new_value < old_value)
+    if champ is not None and str(champ.version) == version:
+        better = False
+    if better:
+        client().set_registered_model_alias(name, CHAMPION, version)
+    decision = {
+        "model": name,
+        "metric": metric,
+        "candidate_version": version,
+        "candidate_value": new_value,
+        "champion_version": None if champ is None else str(champ.version),
+        "champion_value": old_value,
+        "promoted": better,
+    }
+    log.info("promotion decision: %s", decision)
+    return decision
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="maskflow-")

@@ -1,0 +1,21 @@
+"""Evaluate proposals (AR@10/100/1000 over IoU 0.50:0.05:0.95, recall-vs-IoU) as an MLflow evaluation run.
+
+    python pipelines/evaluate_proposals.py proposals=runs/demo/proposals/val model.name=maskflow-maskrcnn model.version=3
+"""
+
+import _bootstrap  # noqa: F401  (repository on sys.path)
+
+from maskflow import config, runtime
+from maskflow.eval_proposals import EvaluateProposalsConfig, evaluate_job, format_table
+
+
+def main(argv=None) -> dict:
+    cfg = config.parse_cli(EvaluateProposalsConfig, argv, description=__doc__)
+    runtime.setup_logging()
+    result = evaluate_job(cfg)
+    print(format_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    config.main_guard(main)

@@ -1,0 +1,21 @@
+"""Ingest a COCO instances dataset into WebDataset shards.
+
+    python pipelines/ingest.py --config conf/ingest/penn_fudan.yaml output.uri=s3://bucket/shards/pf
+    ray job submit --working-dir . -- python pipelines/ingest.py --config ... [key=value ...]
+"""
+
+import _bootstrap  # noqa: F401  (repository on sys.path)
+
+from maskflow import config, runtime, stage
+from maskflow.stages.ingest import IngestConfig, IngestStage
+
+
+def main(argv=None) -> dict:
+    cfg = config.parse_cli(IngestConfig, argv, description=__doc__)
+    runtime.setup_logging()
+    options = cfg.storage.options()
+    return stage.run_stage(IngestStage(cfg, options), cfg.output, cfg.compute, cfg.tracking, cfg, options, cfg.ray)
+
+
+if __name__ == "__main__":
+    config.main_guard(main)

@@ -1,0 +1,25 @@
+"""Mask proposals for every image of a dataset, into WebDataset shards.
+
+    python pipelines/proposals.py --config conf/proposals/demo.yaml [key=value ...]
+    ray job submit --working-dir . -- python pipelines/proposals.py --config conf/proposals/coco_r50.yaml \
+        model.uri=models:/maskflow-maskrcnn@champion input.shards=s3://bucket/shards/val output.uri=s3://bucket/props/val
+
+Locally it starts an embedded Ray; under ``ray job submit`` it joins the cluster. See maskflow.stages.proposals.
+"""
+
+import _bootstrap  # noqa: F401  (repository on sys.path)
+
+from maskflow import config, runtime, stage, tracking
+from maskflow.stages.proposals import ProposalsConfig, ProposalsStage
+
+
+def main(argv=None) -> dict:
+    cfg = config.parse_cli(ProposalsConfig, argv, description=__doc__)
+    runtime.setup_logging()
+    options = cfg.storage.options()
+    job = ProposalsStage(cfg, options, tracking.resolved_tracking_uri(cfg.tracking))
+    return stage.run_stage(job, cfg.output, cfg.compute, cfg.tracking, cfg, options, cfg.ray)
+
+
+if __name__ == "__main__":
+    config.main_guard(main)

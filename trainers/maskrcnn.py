@@ -1,0 +1,90 @@
+"""Class-agnostic Mask R-CNN (the proposal generator of DMM-Net and FFD-Net) on the trainer harness.
+
+    python trainers/maskrcnn.py --config conf/maskrcnn/demo.yaml [key=value ...]
+    ray job submit --working-dir . -- python trainers/maskrcnn.py --config conf/maskrcnn/r50_fpn.yaml
+
+Trains from ``image`` shards (see :mod:`maskflow.data.schema`); the model is torchvision's Mask R-CNN with one
+foreground class, backbone from config (ResNet-50-FPN as in DMM-Net, or a CPU-sized one).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+if __name__ == "__main__":  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from maskflow import config, trainer
+from maskflow.data import schema
+from maskflow.data.validate import decode_image
+from maskflow.models.maskrcnn import MaskRCNNConfig, build_maskrcnn, image_to_tensor, targets_from_meta
+
+DEFAULT_MODEL_NAME = "maskflow-maskrcnn"
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5  # probability of a horizontal flip
+
+
+@dataclass
+class MaskRCNNTrainConfig(trainer.TrainJobConfig):
+    model: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+
+
+class MaskRCNNPlugin(trainer.ModelPlugin):
+    name = "maskrcnn"
+
+    def __init__(self, cfg: MaskRCNNTrainConfig):
+        super().__init__(cfg)
+        self._rng: random.Random | None = None
+
+    def build_model(self):
+        return build_maskrcnn(self.cfg.model)
+
+    def collate(self, batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
+        if self._rng is None:  # one deterministic stream per worker process
+            self._rng = random.Random(self.cfg.loop.seed)
+        images, targets = [], []
+        for image_bytes, meta_bytes in zip(batch[schema.IMAGE], batch[schema.META]):
+            image = image_to_tensor(decode_image(bytes(image_bytes)))
+            target = targets_from_meta(schema.loads(bytes(meta_bytes)))
+            if self._rng.random() < self.cfg.augment.hflip:
+                image, target = hflip(image, target)
+            images.append(image)
+            targets.append(target)
+        return images, targets
+
+    def losses(self, model, batch, device) -> dict:
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        return model(images, targets)
+
+
+def main(argv=None) -> trainer.FitResult:
+    from maskflow import runtime
+
+    cfg = config.parse_cli(MaskRCNNTrainConfig, argv, description=__doc__)
+    runtime.setup_logging()
+    result = trainer.fit(MaskRCNNPlugin(cfg))
+    print(f"run {result.run_name}: model {result.model_uri}"
+          + (f", registered as {cfg.registry.model_name} v{result.model_version} @candidate" if result.model_version else ""))
+    return result
+
+
+if __name__ == "__main__":
+    config.main_guard(main)
