@@ -380,6 +380,8 @@ def fit(plugin: ModelPlugin) -> FitResult:
             name=run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            # MASKFLOW_* settings (log level, fault injection) reach the workers even on an already-running Ray.
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MASKFLOW_")}},
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

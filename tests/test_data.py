@@ -371,29 +371,16 @@ def test_video_tracks_are_stable(tmp_path):
     assert rejects == [] and len(records) == 10 and Path(records[-1]["file_uri"]).is_file()
 
 
-def test_synthetic_and_coco_io_through_s3(monkeypatch):
-    """Everything goes through maskflow.storage, so an s3:// root works like a local one (moto, in process)."""
-    moto = pytest.importorskip("moto")
-    import boto3
-
+def test_synthetic_and_coco_io_through_s3(s3_options, s3_bucket):
+    """Everything goes through maskflow.storage, so an s3:// root works like a local one (moto server on loopback)."""
     from maskflow import storage
 
-    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    storage._boto3_client.cache_clear()  # a client cached outside the mock would talk to the real AWS
-    try:
-        with moto.mock_aws():
-            boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="data")
-            coco = synthetic.generate_coco_dataset("s3://data/syn", 2, seed=4, split="val", first_image_id=100)
-            assert storage.list_names("s3://data/syn/images/val") == ["000000000100.png", "000000000101.png"]
-            loaded = coco_io.load_coco_json("s3://data/syn/annotations/instances_val.json")
-            assert loaded == json.loads(json.dumps(coco))
-            records, rejects = coco_io.image_records(loaded, "s3://data/syn/images/val")
-            assert rejects == [] and records[0]["file_uri"] == "s3://data/syn/images/val/000000000100.png"
-            pixels = decode_image(storage.read_bytes(records[0]["file_uri"]))
-            assert np.array_equal(pixels.permute(1, 2, 0).numpy(), synthetic.render_image(4, 100)[0])
-    finally:
-        storage._boto3_client.cache_clear()
+    root = f"s3://{s3_bucket}/syn"
+    coco = synthetic.generate_coco_dataset(root, 2, seed=4, split="val", first_image_id=100, options=s3_options)
+    assert storage.list_names(f"{root}/images/val", s3_options) == ["000000000100.png", "000000000101.png"]
+    loaded = coco_io.load_coco_json(f"{root}/annotations/instances_val.json", s3_options)
+    assert loaded == json.loads(json.dumps(coco))
+    records, rejects = coco_io.image_records(loaded, f"{root}/images/val")
+    assert rejects == [] and records[0]["file_uri"] == f"{root}/images/val/000000000100.png"
+    pixels = decode_image(storage.read_bytes(records[0]["file_uri"], s3_options))
+    assert np.array_equal(pixels.permute(1, 2, 0).numpy(), synthetic.render_image(4, 100)[0])

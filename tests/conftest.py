@@ -1,0 +1,89 @@
+"""Shared fixtures: real components only — a local Ray, moto's S3 server on 127.0.0.1, MLflow on sqlite — and the
+real data sets in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Credentials for the loopback S3 endpoint only; set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "maskflow-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "maskflow-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+    os.environ.pop(_var, None)
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto server) on loopback; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_options(s3_endpoint):
+    from maskflow.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=s3_endpoint, region="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_options) -> str:
+    """A fresh bucket on the moto endpoint; yields its name."""
+    from maskflow import storage
+
+    name = f"mf-{uuid.uuid4().hex[:10]}"
+    storage.s3_client(s3_options).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (2 CPUs, as on CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracking_cfg(tmp_path):
+    from maskflow.tracking import TrackingConfig
+
+    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="tests")
+
+
+@pytest.fixture(scope="session")
+def penn_fudan_coco(shared_data, tmp_path_factory) -> tuple[str, str]:
+    """Penn-Fudan converted to COCO json: (annotations path, images dir)."""
+    from maskflow.data.convert import penn_fudan_to_coco
+    from maskflow.data.coco import write_coco_json
+
+    coco, images = penn_fudan_to_coco(str(shared_data / "penn_fudan_ped"))
+    path = tmp_path_factory.mktemp("pf") / "instances.json"
+    write_coco_json(coco, str(path))
+    return str(path), images
