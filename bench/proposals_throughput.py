@@ -89,6 +89,14 @@ class BenchProposalsStage(ProposalsStage):
         yield from super().process(unit)
 
 
+def quiet_ray_data() -> None:
+    """No periodic progress lines from Ray Data (they would bury the results)."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 # --------------------------------------------------------------------------------------------- data + model
 
 
@@ -186,7 +194,7 @@ def run_bare(args, images_uri, ckpt, arch, work, tag, threads: int | None = None
         wall = time.perf_counter() - t0
     finally:
         torch.set_num_threads(default_threads)
-    res = summarise(records, wall)
+    res = summarise(records, wall, t0_epoch)
     res["manifest_samples"] = manifest["samples"]
     return res
 
@@ -260,6 +268,7 @@ def main(argv=None) -> dict:
 
                 t = time.perf_counter()
                 ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+                quiet_ray_data()
                 ray_init_s = time.perf_counter() - t
             runs["ray"].append(run_ray(args, images_uri, ckpt, arch, work, rep))
             print(f"  ray          #{rep}: {runs['ray'][-1]}", flush=True)

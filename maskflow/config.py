@@ -107,13 +107,15 @@ def build(schema: type[T], data: dict | None, prefix: str = "") -> T:
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], key)
         elif dataclasses.is_dataclass(hints[name]):  # validate defaults of nested blocks too
-            kwargs[name] = build(hints[name], {}, prefix=f"{key}.")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            data_default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+            kwargs[name] = build(hints[name], data_default, prefix=f"{key}.")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing")
     try:
         obj = schema(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:  # raised by a nested __post_init__: give it its full dotted key
+        raise ConfigError(f"{prefix}{e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: {e}") from None
     validate = getattr(obj, "validate", None)
@@ -182,6 +184,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -31,8 +31,9 @@ class StorageConfig:
 
     endpoint_url: str | None = None
     region: str | None = None
-    access_key_id: str | None = None  # prefer the AWS credential chain; never commit keys in a YAML file
-    secret_access_key: str | None = None
+    # Prefer the AWS credential chain; never commit keys in a YAML file. repr=False: never printed.
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
 
     def options(self) -> StorageOptions:
         return StorageOptions(self.endpoint_url, self.region, self.access_key_id, self.secret_access_key)

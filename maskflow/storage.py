@@ -81,10 +81,10 @@ def parse(uri: str) -> Location:
     if not isinstance(uri, str) or not uri:
         raise StorageError(f"empty or non-string URI: {uri!r}")
     if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
+        bucket, _, key = uri[len("s3://") :].partition("/")  # not urlparse: '#' and '?' are valid in keys
+        if not bucket:
             raise StorageError(f"s3 URI without a bucket: {uri}")
-        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+        return Location("s3", bucket, key.lstrip("/"))
     if uri.startswith("file://"):
         return Location("file", "", os.path.abspath(uri[len("file://") :]))
     if "://" in uri:

@@ -39,7 +39,6 @@ def test_parse_rejects_bad_uris(bad):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: storage.parse uses urlparse, which cuts S3 keys at '#' and '?'")
 def test_parse_s3_key_with_hash_and_question_mark():
     assert storage.parse("s3://bucket/images/frame#12.jpg").path == "images/frame#12.jpg"
     assert storage.parse("s3://bucket/a?b.png").path == "a?b.png"

@@ -18,6 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from maskflow.data.schema import RLE, Annotation
+from ops.masks import decode_masks, encode_masks
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image before it is called outside
 
@@ -44,24 +45,14 @@ def rle_to_bytes(rle: dict) -> dict:
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-def encode_masks(masks: np.ndarray) -> list[RLE]:
-    """Encode N x H x W boolean masks to N compressed RLE dicts (str counts)."""
-    masks = np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"expected N x H x W masks, got shape {masks.shape}")
-    if masks.shape[0] == 0:
-        return []
-    encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [rle_to_str(r) for r in encoded]
-
-
 def encode_mask(mask: np.ndarray) -> RLE:
+    """One H x W mask as compressed RLE (str counts)."""
     return encode_masks(np.asarray(mask)[None])[0]
 
 
 def decode_rle(rle: dict) -> np.ndarray:
     """An RLE dict (str or bytes counts) to an H x W bool mask."""
-    return mask_utils.decode(rle_to_bytes(rle)).astype(bool)
+    return decode_masks([rle])[0].astype(bool)
 
 
 def annotations_from_masks(

@@ -25,11 +25,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from maskflow.config import ConfigError, require
+from ops.masks import decode_masks, encode_masks
 
 BACKBONES = ("resnet50_fpn", "resnet18_fpn", "tiny_fpn")
 NUM_FPN_LEVELS = 5  # strides 4, 8, 16, 32 + the max-pooled stride-64 level
@@ -257,23 +257,15 @@ def image_to_tensor(image: Any) -> torch.Tensor:
 def targets_from_meta(meta: dict, device: Any = None) -> dict[str, torch.Tensor]:
     """A torchvision Mask R-CNN target from an :class:`~maskflow.data.schema.ImageMeta`: ``boxes`` float32 (N, 4)
     xyxy, ``labels`` int64 ones, ``masks`` uint8 (N, H, W). Crowd regions and boxes with no area are skipped."""
-    from pycocotools import mask as mask_utils
-
     h, w = int(meta["height"]), int(meta["width"])
     anns = [a for a in meta.get("annotations", ())
             if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
     boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)],
                          dtype=torch.float32).reshape(-1, 4)
-    if anns:
-        rles = [a["segmentation"] for a in anns]
-        for r in rles:
-            if list(r["size"]) != [h, w]:
-                raise ValueError(f"annotation mask size {r['size']} != image size {[h, w]} "
-                                 f"(image_id {meta.get('image_id')})")
-        decoded = mask_utils.decode(rles)  # one call: (H, W, N)
-        masks = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
-    else:
-        masks = torch.zeros((0, h, w), dtype=torch.uint8)
+    try:
+        masks = torch.from_numpy(decode_masks([a["segmentation"] for a in anns], h, w))  # one batched call
+    except ValueError as e:
+        raise ValueError(f"image_id {meta.get('image_id')}: {e}") from None
     target = {"boxes": boxes, "labels": torch.ones(len(anns), dtype=torch.int64), "masks": masks}
     if device is not None:
         target = {k: v.to(device) for k, v in target.items()}
@@ -284,21 +276,13 @@ def proposals_from_output(output: dict, top_k: int, mask_threshold: float = 0.5)
     """``boxes`` ([x, y, w, h] floats), ``scores`` (descending) and ``segmentations`` (RLE dicts, str counts) of the
     ``top_k`` best detections in one torchvision prediction dict (masks (N, 1, H, W) probabilities, binarised at
     ``> mask_threshold``)."""
-    from pycocotools import mask as mask_utils
-
     scores = output["scores"].detach().float().cpu()
     order = torch.argsort(scores, descending=True, stable=True)[: max(int(top_k), 0)]
     scores = scores[order]
     boxes = output["boxes"].detach().float().cpu()[order]
-    masks = output["masks"].detach().cpu()[order]
+    masks = output["masks"].detach()[order.to(output["masks"].device)]  # binarised on its device: 4x less to copy
     if masks.ndim == 4:
         masks = masks[:, 0]
-    n, h, w = masks.shape
     xywh = torch.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
-    if n:
-        binary = np.asfortranarray((masks > mask_threshold).numpy().astype(np.uint8).transpose(1, 2, 0))
-        rles = mask_utils.encode(binary)  # one batched call over (H, W, N)
-        segs = [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
-    else:
-        segs = []
+    segs = encode_masks(masks > mask_threshold)  # one batched pycocotools call over all N masks
     return {"boxes": xywh.reshape(-1, 4).tolist(), "scores": scores.tolist(), "segmentations": segs}

@@ -1,0 +1,34 @@
+"""Every YAML under conf/ loads and validates against the schema of the job that reads it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from maskflow import config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))  # the pipeline scripts import _bootstrap as a sibling module
+
+from pipelines.convert import ConvertConfig  # noqa: E402
+from pipelines.demo import DemoConfig  # noqa: E402
+from maskflow.stages.ingest import IngestConfig  # noqa: E402
+from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
+from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
+
+SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
+           "ingest": IngestConfig, "convert": ConvertConfig}
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))
+def test_conf_file_is_valid(path):
+    schema = SCHEMAS[path.split("/")[0]]
+    data = config.load_yaml(str(ROOT / "conf" / path))
+    if schema is ProposalsConfig and "input" not in data:  # input is given on the command line for these
+        data["input"] = {"shards": "s3://bucket/shards"}
+    cfg = config.build(schema, data)
+    assert config.to_dict(cfg)  # and it round-trips to a dict for MLflow
+    with pytest.raises(config.ConfigError, match=r"^no_such_key: unknown key"):
+        config.build(schema, {**data, "no_such_key": 1})
