@@ -125,9 +125,47 @@ def test_each_backbone_builds_class_agnostic_torchvision_maskrcnn(backbone):
     assert model.backbone.out_channels == cfg.fpn_channels
     assert model.roi_heads.score_thresh == 0.0 and model.roi_heads.detections_per_img == 100
     assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
-    if backbone == "resnet50_fpn":  # from scratch: everything trainable, plain BatchNorm (as torchvision)
+    if backbone != "tiny_fpn":  # from scratch: everything trainable, plain BatchNorm (as torchvision)
         assert all(p.requires_grad for p in model.backbone.parameters())
         assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)
+        assert model.backbone.fpn.inner_blocks[-1][0].in_channels == (2048 if backbone == "resnet50_fpn" else 512)
+
+
+def test_pretrained_weights_load_everything_but_predictors(monkeypatch):
+    """The weight-loading path, offline: the enum's download is replaced by a state dict of the same architecture."""
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(1)
+    coco = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    state = {k: v for k, v in coco.state_dict().items() if "num_batches_tracked" not in k}
+    calls = []
+
+    def fake_get_state_dict(self, *args, **kwargs):
+        calls.append(str(self))
+        return state
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
+    model = build_maskrcnn(MaskRCNNConfig(weights="DEFAULT", trainable_backbone_layers=2))
+    assert calls == ["MaskRCNN_ResNet50_FPN_Weights.COCO_V1"]
+    own = model.state_dict()
+    for key in ("backbone.body.layer3.0.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight",
+                "rpn.head.cls_logits.weight", "roi_heads.box_head.fc7.weight", "roi_heads.mask_head.0.0.weight",
+                "roi_heads.mask_predictor.conv5_mask.weight"):
+        assert torch.equal(own[key], state[key]), key
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape == (2, 1024)  # re-initialised, class-agnostic
+    assert own["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 2
+    assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
+    trainable = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+
+    resnet18_state = torchvision.models.resnet18().state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: resnet18_state)
+    model = build_maskrcnn(MaskRCNNConfig(backbone="resnet18_fpn", fpn_channels=64, weights_backbone="DEFAULT",
+                                          trainable_backbone_layers=0))
+    assert not any(p.requires_grad for p in model.backbone.body.parameters())
+    assert torch.equal(model.backbone.body.conv1.weight, resnet18_state["conv1.weight"])
 
 
 def test_tiny_backbone_feature_strides():
@@ -235,7 +273,7 @@ def test_image_to_tensor():
     img = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8).expand(3, 2, 2)
     x = image_to_tensor(img)
     assert x.dtype == torch.float32 and x.shape == (3, 2, 2)
-    assert x[0].tolist() == pytest.approx([[0.0, 1.0], [0.2, 0.4]])
+    np.testing.assert_allclose(x[0].numpy(), [[0.0, 1.0], [0.2, 0.4]], rtol=1e-6)
     assert image_to_tensor(np.zeros((3, 4, 5), np.uint8)).shape == (3, 4, 5)
     with pytest.raises(TypeError):
         image_to_tensor(torch.zeros(3, 2, 2))

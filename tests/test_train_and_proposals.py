@@ -214,3 +214,27 @@ def test_killed_proposals_job_resumes_exactly(trained, tracking_module, penn_fud
     assert not [n for n in os.listdir(out) if n.startswith(storage.TMP_PREFIX)]
     sample = next(shards.iter_samples(str(out)))
     assert schema.PROPOSALS in sample and len(sample[schema.PROPOSALS]["scores"]) <= 50
+
+
+def test_proposals_straight_from_a_real_coco_dataset(trained, tracking_module, shared_data, tmp_path):
+    """A real COCO instances json (compressed RLE, crowd regions) plus its images, with no ingest step."""
+    sample = shared_data / "coco_panoptic_sample"
+    cfg = config.build(ProposalsConfig, {
+        "input": {"coco": {"annotations": str(sample / "panoptic_coco_detection_format.json"),
+                           "images": str(sample / "input_images"), "name": "coco-sample"}},
+        "model": {"uri": f"s3://{trained['result'].checkpoint_path}", "arch": demo_arch()},  # checkpoint directory
+        "proposals": {"top_k": 30},
+        "output": {"uri": str(tmp_path / "props")},
+        "storage": {"endpoint_url": trained["options"].endpoint_url},
+    })
+    manifest = stage.run_stage(ProposalsStage(cfg, trained["options"]), cfg.output, cfg.compute, None, cfg,
+                               trained["options"])
+    assert manifest["inputs"] == manifest["samples"] == 2
+    samples = {s["json"]["image_id"]: s for s in shards.iter_samples(str(tmp_path / "props"))}
+    assert set(samples) == {142238, 439180}
+    anns = [a for s in samples.values() for a in s["json"]["annotations"]]
+    assert len(anns) == 50 and sum(a["iscrowd"] for a in anns) == 3  # crowd regions kept for AR's ignore rule
+    for s in samples.values():
+        props = s[schema.PROPOSALS]
+        assert np.array(props["iou"]).shape == (len(props["scores"]), len(s["json"]["annotations"]))
+        assert props["height"] == s["json"]["height"] and props["width"] == s["json"]["width"]

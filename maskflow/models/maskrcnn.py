@@ -163,8 +163,9 @@ def _tiny_fpn(cfg: MaskRCNNConfig) -> nn.Module:
 
 
 def _resnet_fpn(cfg: MaskRCNNConfig, pretrained_detector: bool) -> nn.Module:
+    """torchvision's ResNet + FPN (as ``maskrcnn_resnet50_fpn`` builds it), with ``fpn_channels`` FPN channels."""
     from torchvision.models import resnet
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops import misc as misc_nn_ops
 
     arch = {"resnet50_fpn": "resnet50", "resnet18_fpn": "resnet18"}[cfg.backbone]
@@ -176,7 +177,13 @@ def _resnet_fpn(cfg: MaskRCNNConfig, pretrained_detector: bool) -> nn.Module:
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
     trainable = cfg.trainable_backbone_layers if is_trained else 5
     body = getattr(resnet, arch)(weights=weights_backbone, norm_layer=norm_layer)
-    return _resnet_fpn_extractor(body, trainable)
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable] + (["bn1"] if trainable == 5 else [])
+    for name, parameter in body.named_parameters():
+        if not name.startswith(tuple(layers_to_train)):
+            parameter.requires_grad_(False)
+    stage2 = body.inplanes // 8  # 256 for ResNet-50, 64 for ResNet-18
+    return_layers = {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)}
+    return BackboneWithFPN(body, return_layers, [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)], cfg.fpn_channels)
 
 
 # --------------------------------------------------------------------------------------------- model
