@@ -6,14 +6,17 @@ annotations' ``iscrowd`` flags; no mask is decoded here. See :func:`ops.metrics.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 
+from maskflow.config import require
 from maskflow.data.schema import META, PROPOSALS, loads
+from maskflow.runtime import Common
 from ops.metrics import IOU_THRESHOLDS, proposal_recall
 
-__all__ = ["evaluate_proposal_samples", "format_table"]
+__all__ = ["evaluate_proposal_samples", "format_table", "EvaluateProposalsConfig", "evaluate_job"]
 
 
 def _parsed(value: Any) -> dict:
@@ -68,11 +71,6 @@ def format_table(result: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the evaluation job
-
-from dataclasses import dataclass, field  # noqa: E402
-
-from maskflow.config import require  # noqa: E402
-from maskflow.runtime import Common  # noqa: E402
 
 
 @dataclass

@@ -24,6 +24,7 @@ The harness gives every stage the same guarantees:
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import logging
@@ -279,7 +280,7 @@ def run_stage(
              stage.name, len(plan.units), len(done), len(pending), len(plan.rejects))
 
     run_ctx = tracking.job_run(tracking_cfg, stage.name, job_config, {"maskflow.output": uri}, options) \
-        if tracking_cfg else _null_run()
+        if tracking_cfg else contextlib.nullcontext()
     with run_ctx as run:
         started = time.perf_counter()
         new_samples = 0
@@ -349,14 +350,6 @@ def _seal(stage: Stage, plan: Plan, records: dict[int, dict], uri: str, fingerpr
     }
     storage.write_text(storage.join(uri, shards.MANIFEST), json.dumps(manifest, indent=1), options)
     return manifest
-
-
-class _null_run:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

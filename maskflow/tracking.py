@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -94,24 +93,6 @@ def job_run(
         yield run
 
 
-def log_dict_artifact(data: dict, name: str) -> None:
-    import mlflow
-
-    mlflow.log_dict(data, name)
-
-
-def log_file_artifact(local_path: str, artifact_path: str | None = None) -> None:
-    import mlflow
-
-    mlflow.log_artifact(local_path, artifact_path)
-
-
-def log_text_artifact(text: str, name: str) -> None:
-    import mlflow
-
-    mlflow.log_text(text, name)
-
-
 # --------------------------------------------------------------------------------------------- registry
 
 
@@ -187,7 +168,3 @@ def promote(name: str, metric: str, version: str | None = None, higher_is_better
     }
     log.info("promotion decision: %s", decision)
     return decision
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="maskflow-")

@@ -14,11 +14,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from maskflow import config, runtime, shards, stage, storage, tracking
+from maskflow import config, runtime, shards, stage, storage, tracking, trainer
 from maskflow.config import require
 from maskflow.data.synthetic import generate_coco_dataset
 from maskflow.eval_proposals import EvaluateProposalsConfig, evaluate_job, format_table
 from maskflow.models.maskrcnn import MaskRCNNConfig
+from maskflow.stage import ComputeConfig
 from maskflow.stages.ingest import IngestConfig, IngestStage
 from maskflow.stages.proposals import ProposalsConfig, ProposalSettings, ProposalsStage
 from maskflow.trainer import LoopConfig, OptimConfig, ScalingConfig
@@ -44,7 +45,7 @@ class DemoConfig(runtime.Common):
     workdir: str = "runs/demo"  # every artefact (data, shards, checkpoints) under this URI
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     samples_per_shard: int = 50
-    workers: int = 1  # proposal actors
+    compute: ComputeConfig = field(default_factory=lambda: ComputeConfig(workers=1, cpus_per_worker=2))  # proposals
     model_name: str = "maskflow-maskrcnn-demo"
     model: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -96,8 +97,6 @@ def main(argv=None) -> dict:
         optim=config.to_dict(cfg.optim), loop=config.to_dict(cfg.loop), scaling=config.to_dict(cfg.scaling),
         augment=config.to_dict(cfg.augment), run={"storage_path": storage.join(cfg.workdir, "checkpoints")},
         registry={"model_name": cfg.model_name})
-    from maskflow import trainer
-
     fit = trainer.fit(MaskRCNNPlugin(train_cfg))
     model_uri = f"models:/{cfg.model_name}/{fit.model_version}"
 
@@ -106,7 +105,7 @@ def main(argv=None) -> dict:
     props_cfg = sub_config(
         ProposalsConfig, cfg, input={"shards": shard_uris["val"]}, model={"uri": model_uri},
         proposals=config.to_dict(cfg.proposals), output={"uri": props_uri},
-        compute={"workers": cfg.workers})
+        compute=config.to_dict(cfg.compute))
     stage.run_stage(ProposalsStage(props_cfg, options, tracking.resolved_tracking_uri(cfg.tracking)),
                     props_cfg.output, props_cfg.compute, props_cfg.tracking, props_cfg, options, props_cfg.ray)
 

@@ -122,6 +122,10 @@ class ProposalsStage(Stage):
                 yield {**sample, schema.META: schema.loads(sample[schema.META])}
 
     def process(self, unit: WorkUnit) -> Iterator[dict | Reject]:
+        if self.device.type == "cpu":
+            # OpenMP's thread count is per calling thread, and Ray Data calls actors from a thread of its own:
+            # set it here, where inference runs, to the CPUs this actor reserved.
+            torch.set_num_threads(max(1, int(self.cfg.compute.cpus_per_worker)))
         decoded = self._decoded(unit)
         for batch in batched(decoded, self.cfg.proposals.batch_size):
             rejects = [b for b in batch if isinstance(b, Reject)]
