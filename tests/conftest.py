@@ -23,11 +23,19 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def require_shared_data(path: Path = SHARED_DATA) -> Path:
+    """The real data (or a part of it); skipped on a developer machine without it, a failure on CI."""
+    if not path.exists():
+        message = f"real data not found at {path} (../shared/data beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data sets not found at {SHARED_DATA}")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,13 @@ from maskflow.data.validate import (
     encode_mask,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import SHARED_DATA as DATA, require_shared_data  # noqa: E402
 
 
 def data_dir(name: str) -> Path:
     path = DATA / name
     if not path.is_dir():
-        pytest.skip(f"real data set {name!r} not found under {DATA} (shared data not mounted)")
+        require_shared_data(DATA / name)
     return path
 
 

@@ -18,7 +18,7 @@ from maskflow.eval_proposals import evaluate_proposal_samples, format_table
 from ops.masks import decode_masks, encode_masks, mask_iou, rle_areas, rle_boxes
 from ops.metrics import IOU_THRESHOLDS, plot_recall_curves, proposal_recall, recall_vs_iou
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import SHARED_DATA as DATA, require_shared_data  # noqa: E402
 PENN_FUDAN = DATA / "penn_fudan_ped" / "PedMasks"
 MAX_DETS = (10, 100, 1000)
 
@@ -238,7 +238,7 @@ def test_proposal_recall_equals_cocoeval_synthetic():
 def test_proposal_recall_equals_cocoeval_penn_fudan():
     files = sorted(PENN_FUDAN.glob("*_mask.png")) if PENN_FUDAN.is_dir() else []
     if not files:
-        pytest.skip(f"Penn-Fudan masks not found under {PENN_FUDAN}")
+        require_shared_data(PENN_FUDAN)
     from PIL import Image
 
     rng = np.random.default_rng(7)
