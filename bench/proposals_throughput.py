@@ -57,6 +57,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from _results import write_result  # noqa: E402
 from maskflow import config, shards, stage, storage  # noqa: E402
 from maskflow.data.coco import write_coco_json  # noqa: E402
 from maskflow.models.maskrcnn import MaskRCNNConfig, build_maskrcnn  # noqa: E402
@@ -330,10 +331,7 @@ def main(argv=None) -> dict:
         print(f"{name:<26}{row}")
     print("torch threads: " + ", ".join(f"{label[s]}={summary[f'{s}.torch_threads']}" for s in sides)
           + f"; ray.init {summary['ray_init_s']}s (in no figure); target ratio >= {summary['target']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {os.path.relpath(args.out, ROOT) if args.out.startswith(ROOT) else args.out}")
+    write_result(result, args.out)
     return result
 
 

@@ -67,6 +67,7 @@ from typing import Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from _results import write_result  # noqa: E402
 from maskflow import shards, storage  # noqa: E402
 from maskflow.storage import StorageOptions  # noqa: E402
 
@@ -360,10 +361,7 @@ def main(argv=None) -> dict:
         print(f"ray.init: {ray_init_s:.2f}s (in no figure)")
     print("targets: iter_shard >= 0.8 of raw, local and s3: " + ", ".join(
         f"{k} {ratios[k]:.3f} {'ok' if ratios[k] >= t else 'MISSED'}" for k, t in result["targets"].items() if k in ratios))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {os.path.relpath(args.out, ROOT) if args.out.startswith(ROOT) else args.out}")
+    write_result(result, args.out)
     return result
 
 

@@ -304,7 +304,7 @@ def test_render_image_reproducible_and_masks_valid():
     for image_id in range(1, 9):
         image, masks, cats = synthetic.render_image(5, image_id, size=(96, 128), max_objects=5)
         assert image.shape == (96, 128, 3) and image.dtype == np.uint8
-        assert 1 <= len(masks) <= 5 and len(cats) == len(masks)
+        assert 0 < len(masks) <= 5 and len(cats) == len(masks)
         assert all(c in {1, 2, 3, 4} for c in cats)
         stack = np.stack(masks)
         assert stack.shape[1:] == (96, 128) and stack.dtype == bool
