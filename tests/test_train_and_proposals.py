@@ -152,7 +152,7 @@ def test_proposals_from_registry_on_s3_then_evaluate_and_promote(trained, tracki
         assert all(s["size"] == [meta["height"], meta["width"]] for s in props["segmentations"])
         recomputed = mask_iou(props["segmentations"], [a["segmentation"] for a in meta["annotations"]])
         assert np.allclose(recomputed, props["iou"], atol=1e-6)
-        assert props["model"] == f"models:/{MODEL_NAME}@candidate"
+        assert props["model"] == f"models:/{MODEL_NAME}/{trained['result'].model_version}"  # the alias, resolved
 
     version = trained["result"].model_version
     result = evaluate_job(config.build(EvaluateProposalsConfig, {

@@ -34,6 +34,20 @@ def check_model_uri(uri: str | None, key: str = "model.uri") -> str:
     return uri
 
 
+def resolve_model_uri(uri: str) -> str:
+    """``models:/name@alias`` → ``models:/name/<version>`` (the version the alias points to now), so a job's output
+    names exactly the weights it used and a later alias move is a different job. Other URIs are returned as they are."""
+    if uri.startswith("models:/") and "@" in uri:
+        from maskflow import tracking
+
+        name, alias = uri[len("models:/"):].split("@", 1)
+        version = tracking.model_version_for_alias(name, alias)
+        if version is None:
+            raise ConfigError(f"model.uri: registered model {name!r} has no version with alias {alias!r}")
+        return f"models:/{name}/{version.version}"
+    return uri
+
+
 def load_state_dict(uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> dict:
     if not uri.endswith((".pt", ".pth")):
         uri = storage.join(uri, CHECKPOINT_FILE)

@@ -18,7 +18,7 @@ from maskflow import shards, storage
 from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
-from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn
+from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn, resolve_model_uri
 from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
 from maskflow.runtime import Common
 from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched
@@ -75,10 +75,16 @@ class ProposalsStage(Stage):
     def __init__(self, cfg: ProposalsConfig, options: StorageOptions = DEFAULT_OPTIONS, tracking_uri: str | None = None):
         check_model_uri(cfg.model.uri)
         self.cfg, self.options, self.tracking_uri = cfg, options, tracking_uri
+        self.model_uri = cfg.model.uri  # resolved to a concrete registry version in plan()
         self.model = None
 
     # -- driver
     def plan(self) -> Plan:
+        if self.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+        self.model_uri = resolve_model_uri(self.cfg.model.uri)
         inp = self.cfg.input
         if inp.coco is not None:
             return plan_coco_units(inp.coco, self.cfg.output.samples_per_shard, self.options)
@@ -92,7 +98,7 @@ class ProposalsStage(Stage):
         return Plan(units)
 
     def fingerprint_config(self):
-        return {"model": self.cfg.model.uri, "proposals": vars(self.cfg.proposals)}
+        return {"model": self.model_uri, "proposals": vars(self.cfg.proposals)}
 
     # -- worker
     def setup(self) -> None:
@@ -103,7 +109,7 @@ class ProposalsStage(Stage):
             mlflow.set_tracking_uri(self.tracking_uri)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         p = self.cfg.proposals
-        self.model = load_maskrcnn(self.cfg.model.uri, self.cfg.model.arch, self.options, self.device)
+        self.model = load_maskrcnn(self.model_uri, self.cfg.model.arch, self.options, self.device)
         configure_for_proposals(self.model, p.top_k, p.score_thresh, p.nms_thresh)
 
     def _input_samples(self, unit: WorkUnit) -> Iterator[dict | Reject]:
@@ -155,7 +161,7 @@ class ProposalsStage(Stage):
             meta = sample[schema.META]
             anns = meta["annotations"]
             iou = mask_iou(props["segmentations"], [a["segmentation"] for a in anns], [a["iscrowd"] for a in anns])
-            props.update(iou=iou.round(6).tolist(), model=self.cfg.model.uri, height=meta["height"],
+            props.update(iou=iou.round(6).tolist(), model=self.model_uri, height=meta["height"],
                          width=meta["width"])
             results.append({"__key__": sample["__key__"], schema.IMAGE: sample[schema.IMAGE], schema.META: meta,
                             schema.PROPOSALS: props})
