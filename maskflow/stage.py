@@ -278,6 +278,8 @@ def run_stage(
         init_ray(ray_cfg or RayConfig())
     log.info("[%s] %d shards planned, %d already finished, %d to do; %d inputs rejected while planning",
              stage.name, len(plan.units), len(done), len(pending), len(plan.rejects))
+    reject_log = _RejectLog(stage.name, uri)
+    reject_log.add([r.to_dict() for r in plan.rejects])
 
     run_ctx = tracking.job_run(tracking_cfg, stage.name, job_config, {"maskflow.output": uri}, options) \
         if tracking_cfg else contextlib.nullcontext()
@@ -288,6 +290,7 @@ def run_stage(
         for n, rec in enumerate(_execute(stage, pending, uri, fingerprint, compute, options) if pending else [], 1):
             records[rec["index"]] = rec
             new_samples += rec["samples"]
+            reject_log.add(rec["rejects"])
             elapsed = time.perf_counter() - started
             log.info("[%s] shard %d/%d %s: %d samples, %d rejected (%.1f samples/s)", stage.name, n, len(pending),
                      rec["name"], rec["samples"], len(rec["rejects"]), new_samples / max(elapsed, 1e-9))
@@ -316,6 +319,24 @@ def run_stage(
              manifest["inputs"], manifest["samples"], len(manifest["shards"]), manifest["rejected"],
              storage.join(uri, shards.REJECTS))
     return manifest
+
+
+class _RejectLog:
+    """Logs each rejected input with its reason, up to a limit (the full list is always in rejects.jsonl)."""
+
+    LIMIT = 50
+
+    def __init__(self, stage_name: str, output_uri: str):
+        self.stage_name, self.output_uri, self.count = stage_name, output_uri, 0
+
+    def add(self, rejects: list[dict]) -> None:
+        for r in rejects:
+            self.count += 1
+            if self.count <= self.LIMIT:
+                log.warning("[%s] rejected %s %s: %s", self.stage_name, r["kind"], r["key"], r["reason"])
+            elif self.count == self.LIMIT + 1:
+                log.warning("[%s] more rejects: see %s", self.stage_name,
+                            storage.join(self.output_uri, shards.REJECTS))
 
 
 def _seal(stage: Stage, plan: Plan, records: dict[int, dict], uri: str, fingerprint: str, job_config: Any,

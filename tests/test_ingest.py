@@ -68,7 +68,7 @@ def test_penn_fudan_to_s3_and_back_through_ray_data(ray_local, penn_fudan_coco, 
     assert run.data.metrics["samples"] == 60 and run.data.metrics["rejected"] == 0
 
 
-def test_bad_inputs_are_rejected_with_reasons(ray_local, penn_fudan_coco, tmp_path):
+def test_bad_inputs_are_rejected_with_reasons(ray_local, penn_fudan_coco, tmp_path, caplog):
     annotations, images = penn_fudan_coco
     coco = load_coco_json(annotations)
     keep = coco["images"][:6]
@@ -107,6 +107,8 @@ def test_bad_inputs_are_rejected_with_reasons(ray_local, penn_fudan_coco, tmp_pa
     assert "outside the image" in reasons[f"ann-{next_id + 1}"]
     assert "zero-area" in reasons[f"ann-{next_id + 2}"]
     assert "unknown image id 987654" in reasons[f"ann-{next_id + 3}"]
+    for reason in reasons.values():  # each one is logged too
+        assert reason in caplog.text
     # The counts add up: every other image and annotation arrived.
     assert manifest["inputs"] == 6 and manifest["samples"] == 4 and manifest["rejected"] == 2
     assert manifest["rejected_by_kind"] == {"sample": 2, "annotation": 4}
