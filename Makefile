@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/proposals_throughput.py
 	$(BIN)/python bench/shard_read.py
+	$(BIN)/python bench/train_loader.py
 
 clean:
 	rm -rf runs .pytest_cache
