@@ -107,11 +107,17 @@ def kernel_soft_argmax(corr: torch.Tensor, beta: float = 50.0, sigma: float = 5.
     c, gx, gy = _prepare(corr)
     n = F.normalize(c, dim=-1, eps=_EPS) if normalize else c
     idx = n.detach().argmax(-1, keepdim=True)  # (N, HW, 1)
-    W2 = corr.shape[-1]
+    H2, W2 = corr.shape[-2:]
     qx, qy = (idx % W2).to(c.dtype), torch.div(idx, W2, rounding_mode="floor").to(c.dtype)
-    k = torch.exp(-((gx - qx) ** 2 + (gy - qy) ** 2) / (2.0 * sigma**2))  # (N, HW, H'W'), peak 1 at q*
-    m = torch.softmax(beta * k * n, dim=-1)
-    return _to_flow(m @ gx, m @ gy, corr.shape)
+    # separable Gaussian: exp(-(dx^2+dy^2)/2s^2) = exp(-dx^2/2s^2) exp(-dy^2/2s^2); peak 1 at q*; scaled by beta
+    ax = torch.arange(W2, device=c.device, dtype=c.dtype)
+    ay = torch.arange(H2, device=c.device, dtype=c.dtype)
+    kx = torch.exp(-((ax - qx) ** 2) / (2.0 * sigma**2))  # (N, HW, W')
+    ky = torch.exp(-((ay - qy) ** 2) / (2.0 * sigma**2)) * beta  # (N, HW, H')
+    k = (ky.unsqueeze(-1) * kx.unsqueeze(-2)).flatten(-2)  # (N, HW, H'W') = beta * k_p(q)
+    m = torch.softmax(k * n, dim=-1)
+    phi = m @ torch.stack((gx, gy), 1)  # (N, HW, 2)
+    return _to_flow(phi[..., 0], phi[..., 1], corr.shape)
 
 
 def soft_argmax(corr: torch.Tensor, beta: float = 50.0, *, normalize: bool = True) -> torch.Tensor:

@@ -191,5 +191,5 @@ def epe(flow: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) 
     err = torch.linalg.vector_norm(flow - gt, dim=1)  # (N, H, W)
     if mask is None:
         return err.mean()
-    m = mask.reshape(err.shape).to(err.dtype) if mask.dim() == 4 else mask.to(err.dtype).expand_as(err)
+    m = (mask[:, 0] if mask.dim() == 4 else mask).to(err.dtype).expand_as(err)
     return (err * m).sum() / m.sum().clamp_min(torch.finfo(err.dtype).tiny)
