@@ -92,11 +92,10 @@ def pck(
             box = np.broadcast_to(_np(bbox).astype(np.float64).reshape(-1, 4), (n, 4))
             ref = np.maximum(box[:, 2], box[:, 3])
         else:
-            big = np.where(val[..., None], gt, np.nan)
-            with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-                sup.filter(RuntimeWarning)
-                ext = np.nanmax(big, axis=1) - np.nanmin(big, axis=1)  # (N, 2) = (w, h) of the keypoint box
-            ref = np.nanmax(np.where(np.isnan(ext), -np.inf, ext), axis=1)
+            hi = np.where(val[..., None], gt, -np.inf).max(axis=1)  # (N, 2)
+            lo = np.where(val[..., None], gt, np.inf).min(axis=1)
+            ext = np.where(np.isfinite(hi) & np.isfinite(lo), hi - lo, 0.0)  # (w, h) of the keypoint box
+            ref = ext.max(axis=1)
     else:
         raise ValueError(f'normaliser must be "image" or "bbox", got {normaliser!r}')
     dist = np.linalg.norm(pred - gt, axis=-1)  # (N, K)
