@@ -26,6 +26,7 @@ The network predicts one real-valued label map ``f`` per image, shape ``(N, 1, H
 * :func:`quantization_loss` — ``|f - round(f)|`` (distance to the nearest integer), mean over pixels.
 * :func:`mean_shift_1d` — exact flat-kernel mean-shift on 1-D values via sort + prefix sums + ``searchsorted``
   (``O(S log P)`` per iteration for ``S`` seeds), bin seeding, sklearn-style mode merging, nearest-mode assignment.
+  ``bandwidth`` is the window's full width (half-width ``bandwidth / 2``); see its docstring for why.
 * :func:`discretize` — label map -> instance ids: pixels with ``f < background_max`` are background (0); the rest
   are mean-shifted at ``bandwidths[0] = 0.9``, then each segment is re-clustered at ``bandwidths[1] = 0.4`` and split
   when that gives several modes (the "refine" reading of Sec. 4; the paper itself keeps the two label maps as two
@@ -77,7 +78,7 @@ def _valid_mask(ids: torch.Tensor, ignore: Ignore) -> Optional[torch.Tensor]:
     if ignore is None:
         return None
     if isinstance(ignore, torch.Tensor):
-        return ~ignore.to(torch.bool).reshape(ids.shape)
+        return ~ignore.to(device=ids.device, dtype=torch.bool).reshape(ids.shape)
     return ids != int(ignore)
 
 
@@ -151,29 +152,42 @@ def _pair_masks(ids: torch.Tensor, valid: Optional[torch.Tensor], sa, sb):
     return same, v
 
 
+def _pair_sum(f, ids, valid, offsets, m2, theta):
+    """(sum over offsets and valid pairs of eq. 5, number of valid pairs) — both 0-d tensors, no host syncs."""
+    N, H, W = f.shape
+    total = f.new_zeros(())
+    count = torch.zeros((), dtype=torch.long, device=f.device)
+    for dy, dx in offsets:
+        s = _slices(dy, dx, H, W)
+        if s is None:
+            continue
+        sa, sb = s
+        same, v = _pair_masks(ids, valid, sa, sb)
+        d = f[:, sa[0], sa[1]] - f[:, sb[0], sb[1]]
+        val, _ = _pair_value_and_grad(d, same, m2, theta, False)
+        if v is None:
+            total = total + val.sum()
+            count = count + val.numel()
+        else:
+            total = total + (val * v).sum()
+            count = count + v.sum()
+    return total, count
+
+
 class _PairLoss(torch.autograd.Function):
     """Sum over offsets of sum over valid pairs of eq. 5; saves only f and the ids (O(NHW) memory)."""
 
     @staticmethod
     def forward(ctx, f, ids, valid, offsets, m2, theta):
-        N, H, W = f.shape
-        total = f.new_zeros(())
-        for dy, dx in offsets:
-            s = _slices(dy, dx, H, W)
-            if s is None:
-                continue
-            sa, sb = s
-            same, v = _pair_masks(ids, valid, sa, sb)
-            d = f[:, sa[0], sa[1]] - f[:, sb[0], sb[1]]
-            val, _ = _pair_value_and_grad(d, same, m2, theta, False)
-            total = total + (val.sum() if v is None else (val * v).sum())
+        total, count = _pair_sum(f, ids, valid, offsets, m2, theta)
+        ctx.mark_non_differentiable(count)
         ctx.save_for_backward(f, ids, valid if valid is not None else torch.empty(0))
         ctx.has_valid = valid is not None
         ctx.offsets, ctx.m2, ctx.theta = offsets, m2, theta
-        return total
+        return total, count
 
     @staticmethod
-    def backward(ctx, gout):
+    def backward(ctx, gout, _gcount=None):
         f, ids, valid = ctx.saved_tensors
         valid = valid if ctx.has_valid else None
         N, H, W = f.shape
@@ -210,20 +224,6 @@ def _prepare(pred: torch.Tensor, instance_ids: torch.Tensor, ignore: Ignore, for
     return f, ids, valid
 
 
-def _pair_count(ids, valid, offsets, H, W) -> int:
-    n = 0
-    for dy, dx in offsets:
-        s = _slices(dy, dx, H, W)
-        if s is None:
-            continue
-        sa, sb = s
-        if valid is None:
-            n += ids.shape[0] * (sa[0].stop - sa[0].start) * (sa[1].stop - sa[1].start)
-        else:
-            n += int((valid[:, sa[0], sa[1]] & valid[:, sb[0], sb[1]]).sum())
-    return n
-
-
 def permutation_invariant_loss(pred: torch.Tensor, instance_ids: torch.Tensor,
                                offsets: Optional[torch.Tensor] = None, m2: float = 1.0, theta: float = 0.1,
                                ignore: Ignore = None, foreground_only: bool = True, reduction: str = "mean",
@@ -240,24 +240,15 @@ def permutation_invariant_loss(pred: torch.Tensor, instance_ids: torch.Tensor,
         offsets = pair_offsets()
     offs = [(int(a), int(b)) for a, b in torch.as_tensor(offsets).reshape(-1, 2).tolist()]
     f, ids, valid = _prepare(pred, instance_ids, ignore, foreground_only)
-    N, H, W = f.shape
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     if memory_efficient:
-        total = _PairLoss.apply(f, ids, valid, offs, float(m2), float(theta))
+        total, count = _PairLoss.apply(f, ids, valid, offs, float(m2), float(theta))
     else:
-        total = f.new_zeros(())
-        for dy, dx in offs:
-            s = _slices(dy, dx, H, W)
-            if s is None:
-                continue
-            sa, sb = s
-            same, v = _pair_masks(ids, valid, sa, sb)
-            val, _ = _pair_value_and_grad(f[:, sa[0], sa[1]] - f[:, sb[0], sb[1]], same, m2, theta, False)
-            total = total + (val.sum() if v is None else (val * v).sum())
+        total, count = _pair_sum(f, ids, valid, offs, float(m2), float(theta))
     if reduction == "sum":
         return total
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-    return total / max(_pair_count(ids, valid, offs, H, W), 1)
+    return total / count.clamp_min(1).to(total.dtype)
 
 
 def permutation_invariant_loss_naive(pred: torch.Tensor, instance_ids: torch.Tensor,
@@ -347,29 +338,39 @@ def quantization_loss(pred: torch.Tensor, mask: Optional[torch.Tensor] = None) -
 
 
 def mean_shift_1d(values: torch.Tensor, bandwidth: float, iters: int = 100, tol: float = 1e-4,
-                  bin_size: Optional[float] = None, min_bin_freq: int = 1
+                  radius: Optional[float] = None, bin_size: Optional[float] = None, min_bin_freq: int = 1
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flat-kernel mean-shift of 1-D ``values`` ``(P,)`` (sklearn's ``MeanShift`` semantics with bin seeding).
+    """Flat-kernel mean-shift of 1-D ``values`` ``(P,)`` (sklearn's ``MeanShift`` mechanics with bin seeding).
 
-    Seeds: centres of the occupied bins of width ``bin_size`` (default ``bandwidth / 4``) with at least
-    ``min_bin_freq`` values. Each seed ``x`` moves to the mean of the values in ``[x - h, x + h]``, computed exactly
-    from the sorted values' prefix sums and two ``searchsorted`` (all seeds at once), until every seed moves less
-    than ``tol * h`` or ``iters`` iterations. Converged modes are merged greedily by support (a mode within ``h`` of
-    a stronger kept one is dropped). Every value is then assigned to its nearest mode.
+    ``bandwidth`` is the kernel's full **width**: the window is ``[x - h, x + h]`` with ``h = radius`` (default
+    ``bandwidth / 2``). Reading DVIS' bandwidth 0.9 as a width is what makes its argument hold ("because m2 is fixed
+    to 1, bandwidth 0.9 separates objects"): two equal clusters 1 apart, read as a radius 0.9, have their strongest
+    mode at their midpoint (the flat/Epanechnikov density is unimodal there) and merge; pass ``radius=bandwidth``
+    for sklearn's reading.
+
+    Seeds: centres of the occupied bins of width ``bin_size`` (default ``h / 4``) with at least ``min_bin_freq``
+    values. Each seed ``x`` moves to the mean of the values in ``[x - h, x + h]``, computed exactly from the sorted
+    values' prefix sums and two ``searchsorted`` (all seeds at once), until every seed moves less than ``tol * h``
+    or ``iters`` iterations. Converged modes are merged greedily by support (a mode within ``h`` of a stronger kept
+    one is dropped). Every value is then assigned to its nearest mode.
 
     Returns ``(labels (P,) long, modes (K,) sorted ascending)``, ``labels[i]`` indexing ``modes``."""
     v = values.reshape(-1)
     if v.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=v.device), v.new_zeros(0)
     work = v.double()
-    h = float(bandwidth)
+    h = float(radius) if radius is not None else float(bandwidth) / 2.0
     sv, _ = torch.sort(work)
     cs = torch.cat([work.new_zeros(1), torch.cumsum(sv, 0)])
     bs = float(bin_size) if bin_size is not None else h / 4.0
-    bins, counts = torch.unique(torch.round(work / bs), return_counts=True)
-    x = bins[counts >= min_bin_freq] * bs
-    if x.numel() == 0:
-        x = bins * bs
+    b = torch.round(work / bs).long()
+    b0 = b.min()
+    counts = torch.bincount(b - b0)
+    occupied = counts > 0
+    sel = counts >= min_bin_freq
+    if not bool(sel.any()):
+        sel = occupied
+    x = (torch.nonzero(sel).reshape(-1) + b0).to(work.dtype) * bs
     n = torch.ones_like(x)
     for _ in range(iters):
         lo = torch.searchsorted(sv, x - h, right=False)
@@ -395,12 +396,12 @@ def mean_shift_1d(values: torch.Tensor, bandwidth: float, iters: int = 100, tol:
     return labels, modes.to(v.dtype if v.is_floating_point() else torch.float64)
 
 
-def mean_shift_1d_naive(values: torch.Tensor, bandwidth: float, iters: int = 100, tol: float = 1e-4
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+def mean_shift_1d_naive(values: torch.Tensor, bandwidth: float, iters: int = 100, tol: float = 1e-4,
+                        radius: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference O(P^2)-per-iteration flat-kernel mean-shift: every value is a seed, every iteration compares every
-    seed with every value (a dense ``(P, P)`` matrix); modes merged and values assigned as in :func:`mean_shift_1d`."""
+    seed with every value (a dense ``(P, P)`` matrix); same kernel, merging and assignment as :func:`mean_shift_1d`."""
     v = values.reshape(-1).double()
-    h = float(bandwidth)
+    h = float(radius) if radius is not None else float(bandwidth) / 2.0
     x = v.clone()
     for _ in range(iters):
         w = ((x[:, None] - v[None, :]).abs() <= h).to(v.dtype)
@@ -430,15 +431,19 @@ def _relabel_and_filter(seg: torch.Tensor, min_size: int) -> torch.Tensor:
     """seg (H, W) long, 0 = background: drop segments < min_size pixels, renumber the rest 1..K (by first pixel
     in row-major order, deterministic)."""
     flat = seg.reshape(-1)
-    uniq, inv, counts = torch.unique(flat, return_inverse=True, return_counts=True)
-    keep = (uniq != 0) & (counts >= min_size)
-    first = torch.full((uniq.numel(),), flat.numel(), dtype=torch.long, device=flat.device)
-    first.scatter_reduce_(0, inv, torch.arange(flat.numel(), device=flat.device), "amin")
+    if flat.numel() == 0:
+        return seg.clone()
+    K = int(flat.max()) + 1
+    counts = torch.bincount(flat, minlength=K)
+    keep = counts >= max(min_size, 1)
+    keep[0] = False
+    first = torch.full((K,), flat.numel(), dtype=torch.long, device=flat.device)
+    first.scatter_reduce_(0, flat, torch.arange(flat.numel(), device=flat.device), "amin")
     first = torch.where(keep, first, torch.full_like(first, flat.numel() + 1))
     rank = torch.empty_like(first)
-    rank[torch.argsort(first)] = torch.arange(1, uniq.numel() + 1, device=flat.device)
+    rank[torch.argsort(first, stable=True)] = torch.arange(1, K + 1, device=flat.device)
     new = torch.where(keep, rank, torch.zeros_like(rank))
-    return new[inv].reshape(seg.shape)
+    return new[flat].reshape(seg.shape)
 
 
 def _connected(seg: torch.Tensor) -> torch.Tensor:
