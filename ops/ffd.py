@@ -19,7 +19,9 @@ Conventions
 * **align_corners=False** throughout: pixel ``x`` is the unit square ``[x, x+1)`` with its centre at ``x + 0.5``,
   the frame's outer edges are ``-1`` and ``+1`` in normalised units (pixel centre ``x`` sits at ``(2x+1)/W - 1``).
   This makes the mapping resolution independent (the same offsets warp a 64 px and a 512 px mask identically up
-  to sampling), and matches roi_align's ``aligned=True`` pixel model used by the pooling below.
+  to sampling), and matches roi_align's ``aligned=True`` pixel model used by the pooling below. On the input's own
+  grid this is the project's one warp convention (:mod:`ops.warp`, which builds grids with align_corners=True):
+  both compute ``out(p) = in(p + d(p))`` at pixel centres, and a test holds them equal.
 * **Direction.** Backward warp, as in spatial transformers: ``output(p) = input(p + d(p))`` where ``d`` is the
   dense displacement at the *output* location ``p``. A positive ``dx`` therefore moves the content **left**
   (each output pixel fetches from further right). Samples falling outside the input read 0 (``padding_mode="zeros"``:
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Sequence, Union
 
 import torch
@@ -303,7 +306,7 @@ def enlarge_boxes(boxes: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return (int(size), int(size)) if isinstance(size, numbers.Integral) else (int(size[0]), int(size[1]))
 
 
 def _check_boxes(boxes: torch.Tensor) -> None:
@@ -382,7 +385,7 @@ def dual_mask_pooling(feature_levels: Sequence[torch.Tensor], spatial_scales: Se
     if len(feature_levels) != len(spatial_scales):
         raise ValueError(f"{len(feature_levels)} feature levels but {len(spatial_scales)} spatial scales")
     _check_boxes(boxes)
-    if len(grid_sizes) and not isinstance(grid_sizes[0], int):
+    if len(grid_sizes) and not isinstance(grid_sizes[0], numbers.Integral):
         if len(grid_sizes) != len(feature_levels):
             raise ValueError(f"per-level grid_sizes needs {len(feature_levels)} entries, got {len(grid_sizes)}")
         per_level = [list(g) for g in grid_sizes]
