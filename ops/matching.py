@@ -119,7 +119,9 @@ def _validity(
     rows = torch.ones(b, n, dtype=torch.bool, device=device) if mask_rows is None else mask_rows.to(device).bool()
     cols = torch.ones(b, m, dtype=torch.bool, device=device) if mask_cols is None else mask_cols.to(device).bool()
     if rows.shape != (b, n) or cols.shape != (b, m):
-        raise ValueError(f"mask_rows {tuple(rows.shape)} / mask_cols {tuple(cols.shape)} do not fit cost {tuple(shape)}")
+        raise ValueError(
+            f"mask_rows {tuple(rows.shape)} / mask_cols {tuple(cols.shape)} do not fit cost {tuple(shape)}"
+        )
     n_b = rows.sum(-1)
     m_b = cols.sum(-1)
     if mask_rows is None and mask_cols is None:
@@ -137,7 +139,9 @@ def _project(
     y: torch.Tensor, v: torch.Tensor, inv_n: torch.Tensor, inv_m: torch.Tensor, n_proj: int
 ) -> torch.Tensor:
     """Dykstra's cyclic projection of ``y`` onto C1 ∩ C2 ∩ C3 restricted to the valid entries ``v`` (float 0/1).
-    Fresh corrections (q = 0) at every call; ``y`` must be 0 on invalid entries (it stays so)."""
+    Fresh corrections (q = 0) at every call; ``y`` must be 0 on invalid entries (it stays so). Each cycle starts
+    from the previous cycle's ``Y3`` (Alg. 1's line 10, blank in the paper's text, read as ``Y0 = Y3``: standard
+    Dykstra)."""
     q1 = torch.zeros_like(y)
     q2 = torch.zeros_like(y)
     q3 = torch.zeros_like(y)
@@ -291,7 +295,9 @@ def matched_masks(X: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
     """Eq. (8): contract ``X`` ``(B, n, m)`` with ``proposals`` ``(B, m, H, W)`` over ``m`` -> ``(B, n, H, W)``
     (``P^[b, i] = sum_j X[b, i, j] * P~[b, j]``). Proposals are cast to ``X``'s dtype; differentiable in both."""
     if X.ndim != 3 or proposals.ndim != 4 or X.shape[0] != proposals.shape[0] or X.shape[2] != proposals.shape[1]:
-        raise ValueError(f"matched_masks expects (B, n, m) and (B, m, H, W), got {tuple(X.shape)}, {tuple(proposals.shape)}")
+        raise ValueError(
+            f"matched_masks expects (B, n, m) and (B, m, H, W), got {tuple(X.shape)}, {tuple(proposals.shape)}"
+        )
     return torch.einsum("bnm,bmhw->bnhw", X, proposals.to(X.dtype))
 
 
