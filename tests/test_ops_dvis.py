@@ -23,9 +23,7 @@ from ops.dvis import (
     permutation_invariant_loss_naive,
     quantization_loss,
 )
-from tests.conftest import require_shared_data
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import SHARED_DATA as DATA, require_shared_data
 PED_MASKS = DATA / "penn_fudan_ped" / "PedMasks"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +23,13 @@ from ops.matching import (
     row_assignment,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import SHARED_DATA, require_shared_data  # noqa: E402
+
 PEDMASKS = SHARED_DATA / "penn_fudan_ped" / "PedMasks"
 DAVIS = SHARED_DATA / "davis2016_subset" / "Annotations" / "480p"
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        msg = f"real data not found at {path}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+_need = require_shared_data
 
 
 def _feasibility(X, rows=None, cols=None):

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+
+from tests.mask_helpers import rect_mask, shift_masks
 import pytest
 import torch
 from PIL import Image
@@ -42,20 +44,7 @@ def _need(path: Path) -> Path:
     return require_shared_data(path)
 
 
-def _rect(h, w, y0, x0, y1, x1):
-    m = np.zeros((h, w), dtype=np.uint8)
-    m[y0:y1, x0:x1] = 1
-    return m
-
-
-def _shift(masks: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Shift (T, H, W) masks by (dy, dx) with zero fill."""
-    out = np.zeros_like(masks)
-    h, w = masks.shape[1:]
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[:, yd, xd] = masks[:, ys, xs]
-    return out
+_rect, _shift = rect_mask, shift_masks
 
 
 def _davis_f_reference(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> float:
