@@ -128,6 +128,10 @@ class Stage(abc.ABC):
         """What, besides the plan, determines the output (changing it makes old output incompatible)."""
         return {}
 
+    def contact_sheet(self, samples: list[dict]):
+        """A picture (H x W x 3 uint8) of a few decoded output samples, logged to the job's MLflow run; None: none."""
+        return None
+
 
 # --------------------------------------------------------------------------------------------- worker side
 
@@ -314,11 +318,30 @@ def run_stage(
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
             mlflow.log_dict(manifest, "manifest.json")
             mlflow.log_text(storage.read_text(storage.join(uri, shards.REJECTS), options), "rejects.jsonl")
+            _log_contact_sheet(stage, uri, options)
             manifest["mlflow_run_id"] = run.info.run_id
     log.info("[%s] done: %d inputs -> %d samples in %d shards, %d rejected (rejects: %s)", stage.name,
              manifest["inputs"], manifest["samples"], len(manifest["shards"]), manifest["rejected"],
              storage.join(uri, shards.REJECTS))
     return manifest
+
+
+CONTACT_SHEET_SAMPLES = 8
+
+
+def _log_contact_sheet(stage: Stage, uri: str, options: StorageOptions) -> None:
+    """Log the stage's picture of its first few samples as contact_sheet.png (a failure to draw never fails a job)."""
+    import itertools
+
+    import mlflow
+
+    try:
+        samples = list(itertools.islice(shards.iter_samples(uri, options), CONTACT_SHEET_SAMPLES))
+        picture = stage.contact_sheet(samples) if samples else None
+        if picture is not None:
+            mlflow.log_image(picture, "contact_sheet.png")
+    except Exception as e:  # noqa: BLE001 - a picture is a courtesy, the shards are the product
+        log.warning("[%s] no contact sheet: %s: %s", stage.name, type(e).__name__, e)
 
 
 class _RejectLog:

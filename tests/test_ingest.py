@@ -66,6 +66,8 @@ def test_penn_fudan_to_s3_and_back_through_ray_data(ray_local, penn_fudan_coco, 
 
     run = mlflow.get_run(manifest["mlflow_run_id"])
     assert run.data.metrics["samples"] == 60 and run.data.metrics["rejected"] == 0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"manifest.json", "rejects.jsonl", "config.yaml", "contact_sheet.png"} <= artifacts
 
 
 def test_bad_inputs_are_rejected_with_reasons(ray_local, penn_fudan_coco, tmp_path, caplog):

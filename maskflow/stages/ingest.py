@@ -109,3 +109,20 @@ class IngestStage(Stage):
 
     def fingerprint_config(self):
         return {"input": vars(self.cfg.input), "samples_per_shard": self.cfg.output.samples_per_shard}
+
+    def contact_sheet(self, samples: list[dict]):
+        return image_sample_sheet(samples)
+
+
+def image_sample_sheet(samples: list[dict], masks_of=None):
+    """Images with their instance masks (or ``masks_of(sample)``'s RLEs) drawn on, tiled."""
+    from maskflow import viz
+    from ops.masks import decode_masks
+
+    tiles = []
+    for s in samples:
+        meta = s[schema.META]
+        rles = masks_of(s) if masks_of else [a["segmentation"] for a in meta["annotations"]]
+        masks = decode_masks(rles, meta["height"], meta["width"])
+        tiles.append(viz.overlay_masks(decode_image(s[schema.IMAGE]), masks))
+    return viz.grid(tiles)

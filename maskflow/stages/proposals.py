@@ -22,7 +22,7 @@ from maskflow.models.loading import check_model_uri, configure_for_proposals, lo
 from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
 from maskflow.runtime import Common
 from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched
-from maskflow.stages.ingest import CocoInputConfig, image_sample, plan_coco_units
+from maskflow.stages.ingest import CocoInputConfig, image_sample, image_sample_sheet, plan_coco_units
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import mask_iou
 
@@ -99,6 +99,10 @@ class ProposalsStage(Stage):
 
     def fingerprint_config(self):
         return {"model": self.model_uri, "proposals": vars(self.cfg.proposals)}
+
+    def contact_sheet(self, samples: list[dict]):
+        """Each image with its 5 best proposals."""
+        return image_sample_sheet(samples, masks_of=lambda s: s[schema.PROPOSALS]["segmentations"][:5])
 
     # -- worker
     def setup(self) -> None:
