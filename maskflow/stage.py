@@ -133,6 +133,19 @@ class Stage(abc.ABC):
         return None
 
 
+def plan_shard_units(shards_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> Plan:
+    """For stages that read another stage's output: one unit per non-empty input shard (output shard i <- input
+    shard i), each expecting the input shard's sample count. Fails fast if the input has no manifest."""
+    storage.check_uri(storage.join(shards_uri, shards.MANIFEST), for_write=False, options=options,
+                      what="input.shards (manifest)")
+    manifest = shards.read_manifest(shards_uri, options)
+    units = []
+    for index, rec in enumerate(s for s in manifest["shards"] if s["samples"] > 0):
+        uri = storage.join(shards_uri, rec["name"])
+        units.append(WorkUnit(index, [uri], source=uri, expected_inputs=rec["samples"]))
+    return Plan(units)
+
+
 # --------------------------------------------------------------------------------------------- worker side
 
 

@@ -131,4 +131,6 @@ def rle_areas(rles: Sequence[dict]) -> np.ndarray:
     rles = _normalise_rles(list(rles))
     if not rles:
         return np.zeros((0,), dtype=np.int64)
-    return np.asarray(mask_utils.area(rles), dtype=np.int64).reshape(len(rles))
+    # pycocotools' area() sizes a uint8 array by the count: it overflows from 256 RLEs on, so go in chunks.
+    chunks = [mask_utils.area(rles[i:i + 255]) for i in range(0, len(rles), 255)]
+    return np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for c in chunks])

@@ -14,12 +14,15 @@ sys.path.insert(0, str(ROOT / "pipelines"))  # the pipeline scripts import _boot
 
 from pipelines.convert import ConvertConfig  # noqa: E402
 from pipelines.demo import DemoConfig  # noqa: E402
+from maskflow.stages.affine_pairs import AffinePairsConfig  # noqa: E402
+from maskflow.stages.cluttered_digits import ClutteredDigitsConfig  # noqa: E402
 from maskflow.stages.ingest import IngestConfig  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
 from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
-           "ingest": IngestConfig, "convert": ConvertConfig}
+           "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
+           "cluttered_digits": ClutteredDigitsConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))

@@ -292,3 +292,12 @@ def test_evaluate_proposal_samples():
     assert format_table(evaluate_proposal_samples(samples)).splitlines()[0].split() == ["AR@10", "AR@100", "AR@1000"]
     with pytest.raises(ValueError):
         evaluate_proposal_samples([_sample(4, [0, 0], [[0.5]], [0.5], False)])
+
+
+def test_rle_areas_beyond_255_masks():
+    """pycocotools' area() overflows a uint8 count from 256 RLEs on; rle_areas must not."""
+    masks = np.zeros((300, 6, 5), bool)
+    masks[np.arange(300), 0, np.arange(300) % 5] = True
+    masks[::2, 1:3] = True
+    areas = rle_areas(encode_masks(masks))
+    assert areas.shape == (300,) and (areas == masks.sum((1, 2))).all()

@@ -21,7 +21,7 @@ from maskflow.data.validate import decode_image
 from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn, resolve_model_uri
 from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
 from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched
+from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched, plan_shard_units
 from maskflow.stages.ingest import CocoInputConfig, image_sample, image_sample_sheet, plan_coco_units
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import mask_iou
@@ -88,14 +88,7 @@ class ProposalsStage(Stage):
         inp = self.cfg.input
         if inp.coco is not None:
             return plan_coco_units(inp.coco, self.cfg.output.samples_per_shard, self.options)
-        storage.check_uri(storage.join(inp.shards, shards.MANIFEST), for_write=False, options=self.options,
-                          what="input.shards (manifest)")
-        manifest = shards.read_manifest(inp.shards, self.options)
-        units = []
-        for index, rec in enumerate(s for s in manifest["shards"] if s["samples"] > 0):
-            uri = storage.join(inp.shards, rec["name"])
-            units.append(WorkUnit(index, [uri], source=uri, expected_inputs=rec["samples"]))
-        return Plan(units)
+        return plan_shard_units(inp.shards, self.options)
 
     def fingerprint_config(self):
         return {"model": self.model_uri, "proposals": vars(self.cfg.proposals)}

@@ -1,0 +1,21 @@
+"""Synthetic (source, target) pairs with ground-truth flow from image shards (SFNet / HSTN training data).
+
+    python pipelines/affine_pairs.py --config conf/affine_pairs/default.yaml input.shards=... output.uri=...
+    ray job submit --working-dir . -- python pipelines/affine_pairs.py --config ... [key=value ...]
+"""
+
+import _bootstrap  # noqa: F401  (repository on sys.path)
+
+from maskflow import config, runtime, stage
+from maskflow.stages.affine_pairs import AffinePairsConfig, AffinePairsStage
+
+
+def main(argv=None) -> dict:
+    cfg = config.parse_cli(AffinePairsConfig, argv, description=__doc__)
+    runtime.setup_logging()
+    options = cfg.storage.options()
+    return stage.run_stage(AffinePairsStage(cfg, options), cfg.output, cfg.compute, cfg.tracking, cfg, options, cfg.ray)
+
+
+if __name__ == "__main__":
+    config.main_guard(main)
