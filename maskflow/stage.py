@@ -418,3 +418,19 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def stage_main(schema: type, make_stage, argv: list[str] | None = None, description: str | None = None) -> dict:
+    """The body of every stage script: parse the config (YAML + overrides), build the stage, run it.
+
+    ``make_stage(cfg, options)`` returns the :class:`Stage`; the config must carry the ``Common`` blocks plus
+    ``output`` and ``compute``.
+    """
+    from maskflow import config as config_lib
+    from maskflow.runtime import setup_logging
+
+    cfg = config_lib.parse_cli(schema, argv, description=description)
+    setup_logging()
+    options = cfg.storage.options()
+    return run_stage(make_stage(cfg, options), cfg.output, cfg.compute, cfg.tracking, cfg, options, cfg.ray)
+

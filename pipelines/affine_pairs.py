@@ -6,15 +6,12 @@
 
 import _bootstrap  # noqa: F401  (repository on sys.path)
 
-from maskflow import config, runtime, stage
+from maskflow import config, stage
 from maskflow.stages.affine_pairs import AffinePairsConfig, AffinePairsStage
 
 
 def main(argv=None) -> dict:
-    cfg = config.parse_cli(AffinePairsConfig, argv, description=__doc__)
-    runtime.setup_logging()
-    options = cfg.storage.options()
-    return stage.run_stage(AffinePairsStage(cfg, options), cfg.output, cfg.compute, cfg.tracking, cfg, options, cfg.ray)
+    return stage.stage_main(AffinePairsConfig, AffinePairsStage, argv, __doc__)
 
 
 if __name__ == "__main__":

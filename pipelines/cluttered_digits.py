@@ -10,16 +10,12 @@ The sample schema is in :mod:`maskflow.stages.cluttered_digits`.
 
 import _bootstrap  # noqa: F401  (repository on sys.path)
 
-from maskflow import config, runtime, stage
+from maskflow import config, stage
 from maskflow.stages.cluttered_digits import ClutteredDigitsConfig, ClutteredDigitsStage
 
 
 def main(argv=None) -> dict:
-    cfg = config.parse_cli(ClutteredDigitsConfig, argv, description=__doc__)
-    runtime.setup_logging()
-    options = cfg.storage.options()
-    return stage.run_stage(ClutteredDigitsStage(cfg, options), cfg.output, cfg.compute, cfg.tracking, cfg, options,
-                           cfg.ray)
+    return stage.stage_main(ClutteredDigitsConfig, ClutteredDigitsStage, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,12 @@
 
 import _bootstrap  # noqa: F401  (repository on sys.path)
 
-from maskflow import config, runtime, stage
+from maskflow import config, stage
 from maskflow.stages.ingest import IngestConfig, IngestStage
 
 
 def main(argv=None) -> dict:
-    cfg = config.parse_cli(IngestConfig, argv, description=__doc__)
-    runtime.setup_logging()
-    options = cfg.storage.options()
-    return stage.run_stage(IngestStage(cfg, options), cfg.output, cfg.compute, cfg.tracking, cfg, options, cfg.ray)
+    return stage.stage_main(IngestConfig, IngestStage, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,15 @@ Locally it starts an embedded Ray; under ``ray job submit`` it joins the cluster
 
 import _bootstrap  # noqa: F401  (repository on sys.path)
 
-from maskflow import config, runtime, stage, tracking
+from maskflow import config, stage, tracking
 from maskflow.stages.proposals import ProposalsConfig, ProposalsStage
 
 
 def main(argv=None) -> dict:
-    cfg = config.parse_cli(ProposalsConfig, argv, description=__doc__)
-    runtime.setup_logging()
-    options = cfg.storage.options()
-    job = ProposalsStage(cfg, options, tracking.resolved_tracking_uri(cfg.tracking))
-    return stage.run_stage(job, cfg.output, cfg.compute, cfg.tracking, cfg, options, cfg.ray)
+    # The actors load registry models themselves: hand them the tracking URI (absolute, for any working directory).
+    return stage.stage_main(
+        ProposalsConfig, lambda cfg, options: ProposalsStage(cfg, options, tracking.resolved_tracking_uri(cfg.tracking)),
+        argv, __doc__)
 
 
 if __name__ == "__main__":
