@@ -126,23 +126,22 @@ def pyarrow_paths(uris: list[str], options: StorageOptions):
     return _pyarrow_paths(tuple(uris), options)
 
 
-def read_raw_pyarrow_file(uris: list[str], options: StorageOptions) -> tuple[int, int]:
-    """Reference: pyarrow's random-access file (``open_input_file``) instead of the stream Ray Data opens."""
+def _read_raw_pyarrow_with(uris: list[str], options: StorageOptions, opener: str) -> tuple[int, int]:
     fs, paths = pyarrow_paths(uris, options)
     total = 0
     for path in paths:
-        with fs.open_input_file(path) as f:
+        with getattr(fs, opener)(path) as f:
             total += len(f.read())
     return 0, total
+
+
+def read_raw_pyarrow_file(uris: list[str], options: StorageOptions) -> tuple[int, int]:
+    """Reference: pyarrow's random-access file (``open_input_file``) instead of the stream Ray Data opens."""
+    return _read_raw_pyarrow_with(uris, options, "open_input_file")
 
 
 def read_raw_pyarrow(uris: list[str], options: StorageOptions) -> tuple[int, int]:
-    fs, paths = pyarrow_paths(uris, options)
-    total = 0
-    for path in paths:
-        with fs.open_input_stream(path) as f:
-            total += len(f.read())
-    return 0, total
+    return _read_raw_pyarrow_with(uris, options, "open_input_stream")
 
 
 def read_iter_shard(uris: list[str], options: StorageOptions) -> tuple[int, int]:

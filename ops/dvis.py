@@ -152,18 +152,24 @@ def _pair_masks(ids: torch.Tensor, valid: Optional[torch.Tensor], sa, sb):
     return same, v
 
 
-def _pair_sum(f, ids, valid, offsets, m2, theta):
-    """(sum over offsets and valid pairs of eq. 5, number of valid pairs) — both 0-d tensors, no host syncs."""
-    N, H, W = f.shape
-    total = f.new_zeros(())
-    count = torch.zeros((), dtype=torch.long, device=f.device)
+def _offset_pairs(f, ids, valid, offsets):
+    """Per offset whose shifted window is non-empty: (slices a, slices b, same-id mask, valid-pair mask or None,
+    f[a] - f[b]) — one offset at a time, never all pairs at once."""
+    H, W = f.shape[-2:]
     for dy, dx in offsets:
         s = _slices(dy, dx, H, W)
         if s is None:
             continue
         sa, sb = s
         same, v = _pair_masks(ids, valid, sa, sb)
-        d = f[:, sa[0], sa[1]] - f[:, sb[0], sb[1]]
+        yield sa, sb, same, v, f[:, sa[0], sa[1]] - f[:, sb[0], sb[1]]
+
+
+def _pair_sum(f, ids, valid, offsets, m2, theta):
+    """(sum over offsets and valid pairs of eq. 5, number of valid pairs) — both 0-d tensors, no host syncs."""
+    total = f.new_zeros(())
+    count = torch.zeros((), dtype=torch.long, device=f.device)
+    for _, _, same, v, d in _offset_pairs(f, ids, valid, offsets):
         val, _ = _pair_value_and_grad(d, same, m2, theta, False)
         if v is None:
             total = total + val.sum()
@@ -190,15 +196,9 @@ class _PairLoss(torch.autograd.Function):
     def backward(ctx, gout, _gcount=None):
         f, ids, valid = ctx.saved_tensors
         valid = valid if ctx.has_valid else None
-        N, H, W = f.shape
         grad = torch.zeros_like(f)
-        for dy, dx in ctx.offsets:
-            s = _slices(dy, dx, H, W)
-            if s is None:
-                continue
-            sa, sb = s
-            same, v = _pair_masks(ids, valid, sa, sb)
-            d = f[:, sa[0], sa[1]] - f[:, sb[0], sb[1]]
+        # Recomputed per offset rather than saved: keeps the memory O(NHW) instead of O(NHW x offsets).
+        for sa, sb, same, v, d in _offset_pairs(f, ids, valid, ctx.offsets):
             _, g = _pair_value_and_grad(d, same, ctx.m2, ctx.theta, True)
             if v is not None:
                 g = g * v
