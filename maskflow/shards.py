@@ -74,10 +74,16 @@ def tar_bytes(samples: Iterable[dict]) -> tuple[bytes, int]:
 
 
 def write_shard(uri: str, samples: Iterable[dict], options: StorageOptions = DEFAULT_OPTIONS) -> dict:
-    """Write samples as one shard, atomically. Returns its record: name, samples, bytes, sha256."""
+    """Write samples as one shard, atomically. Returns its record: name, samples, keys, bytes, sha256.
+
+    ``keys`` (the samples' keys in shard order) lets a consumer plan from the manifest alone (which shard holds which
+    sample) and notice a shard that lacks a sample it should have.
+    """
+    samples = list(samples)
     data, count = tar_bytes(samples)
     storage.write_bytes(uri, data, options)
-    return {"name": storage.basename(uri), "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"name": storage.basename(uri), "samples": count, "keys": [s["__key__"] for s in samples],
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _tar_members(stream) -> Iterator[tuple[str, bytes]]:

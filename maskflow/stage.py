@@ -38,6 +38,7 @@ import numpy as np
 
 from maskflow import shards, storage, tracking
 from maskflow.config import require
+from maskflow.data.schema import SampleSchema
 from maskflow.storage import DEFAULT_OPTIONS, StorageError, StorageOptions
 from maskflow.tracking import TrackingConfig
 
@@ -112,6 +113,7 @@ class Stage(abc.ABC):
 
     name = "stage"
     wants_gpu = False  # True for model-inference stages
+    schema: "SampleSchema | None" = None  # what every sample of this stage holds (checked as it is written)
 
     @abc.abstractmethod
     def plan(self) -> Plan:
@@ -133,17 +135,92 @@ class Stage(abc.ABC):
         return None
 
 
-def plan_shard_units(shards_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> Plan:
-    """For stages that read another stage's output: one unit per non-empty input shard (output shard i <- input
-    shard i), each expecting the input shard's sample count. Fails fast if the input has no manifest."""
+LACKS_IMAGE_OR_META = "sample lacks its image or json entry"
+LACKS_LISTED_SAMPLE = "input shard lacks a sample its manifest lists"
+INPUT_SHARD_MISSING = "input shard missing"
+UNLISTED_SAMPLE = "sample not listed in its input shard's manifest"
+
+
+@dataclass
+class InputShard:
+    """One shard of another stage's output, as a unit's input: where it is and the keys its manifest lists."""
+
+    uri: str
+    keys: list[str] | None  # None: an older manifest without keys (then only the count is known)
+    samples: int
+
+
+def read_input_manifest(shards_uri: str, options: StorageOptions = DEFAULT_OPTIONS, what: str = "input.shards",
+                        expect: SampleSchema | None = None) -> dict:
+    """The manifest of a finished stage output that a stage reads; fails fast (one line) if the output is unfinished
+    or holds another kind of sample."""
+    from maskflow.data.schema import check_manifest_schema
+
     storage.check_uri(storage.join(shards_uri, shards.MANIFEST), for_write=False, options=options,
-                      what="input.shards (manifest)")
+                      what=f"{what} (manifest)")
     manifest = shards.read_manifest(shards_uri, options)
+    if expect is not None:
+        check_manifest_schema(manifest, expect, what)
+    return manifest
+
+
+def input_shards(shards_uri: str, options: StorageOptions = DEFAULT_OPTIONS, what: str = "input.shards",
+                 expect: SampleSchema | None = None) -> list[InputShard]:
+    """The non-empty shards of a finished stage output, in order, with the keys each should hold."""
+    manifest = read_input_manifest(shards_uri, options, what, expect)
+    return [InputShard(storage.join(shards_uri, rec["name"]), rec.get("keys"), rec["samples"])
+            for rec in manifest["shards"] if rec["samples"] > 0]
+
+
+def plan_shard_units(shards_uris: str | list[str], options: StorageOptions = DEFAULT_OPTIONS,
+                     what: str = "input.shards", expect: SampleSchema | None = None) -> Plan:
+    """For stages that read other stages' output: one unit per non-empty input shard (output shard i <- the i-th
+    input shard over all inputs, in order), each expecting that shard's samples. Fails fast if an input is unfinished
+    or holds another kind of sample (``expect``)."""
+    uris = [shards_uris] if isinstance(shards_uris, str) else list(shards_uris)
     units = []
-    for index, rec in enumerate(s for s in manifest["shards"] if s["samples"] > 0):
-        uri = storage.join(shards_uri, rec["name"])
-        units.append(WorkUnit(index, [uri], source=uri, expected_inputs=rec["samples"]))
+    for uri in uris:
+        for shard in input_shards(uri, options, what, expect):
+            units.append(WorkUnit(len(units), [shard], source=shard.uri, expected_inputs=shard.samples))
     return Plan(units)
+
+
+def iter_input_shard(shard: InputShard, options: StorageOptions = DEFAULT_OPTIONS) -> Iterator[dict | Reject]:
+    """The samples of one input shard, checked against its manifest: every listed key that does not arrive (shard
+    missing, truncated or corrupt, sample absent) becomes a :class:`Reject` with the reason, so the counts add up
+    and the rest of the job goes on. Samples the manifest does not list are skipped (kind ``unlisted``)."""
+    import tarfile
+
+    listed = None if shard.keys is None else set(shard.keys)
+    seen: set[str] = set()
+    problem = LACKS_LISTED_SAMPLE
+    try:
+        for sample in shards.iter_shard(shard.uri, options):
+            key = sample["__key__"]
+            if listed is not None and key not in listed:
+                yield Reject(key, UNLISTED_SAMPLE, kind="unlisted", source=shard.uri)
+                continue
+            if key in seen:
+                continue  # a duplicated member: the first copy counts
+            seen.add(key)
+            yield sample
+    except FileNotFoundError:
+        problem = INPUT_SHARD_MISSING
+    except (tarfile.ReadError, OSError, UnicodeDecodeError) as e:
+        problem = f"input shard unreadable after {len(seen)} samples: {type(e).__name__}: {e}"
+    if listed is not None:
+        for key in shard.keys:
+            if key not in seen:
+                yield Reject(key, problem, source=shard.uri)
+    elif len(seen) < shard.samples:  # no keys to name: one reject per sample we know is missing
+        for n in range(len(seen), shard.samples):
+            yield Reject(f"{storage.basename(shard.uri)}#{n}", problem, source=shard.uri)
+
+
+def iter_unit_shards(unit: WorkUnit, options: StorageOptions = DEFAULT_OPTIONS) -> Iterator[dict | Reject]:
+    """Every sample (or reject) of a unit made by :func:`plan_shard_units`."""
+    for shard in unit.items:
+        yield from iter_input_shard(shard, options)
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -161,12 +238,17 @@ def process_unit(stage: Stage, unit: WorkUnit, output_uri: str, job_fingerprint:
         elif isinstance(item, Count):
             counts[item.name] = counts.get(item.name, 0) + item.value
         else:
+            if stage.schema is not None:
+                problems = stage.schema.problems(item)
+                if problems:  # a bug in the stage, not bad input: fail the job rather than write off-schema shards
+                    raise ValueError(f"[{stage.name}] sample {item.get('__key__')} breaks {stage.schema.name}: "
+                                     + "; ".join(problems))
             samples.append(item)
     name = shards.shard_name(unit.index)
     if samples:
         record = shards.write_shard(storage.join(output_uri, name), samples, options)
     else:  # every input rejected: nothing to write, but the unit is finished
-        record = {"name": name, "samples": 0, "bytes": 0, "sha256": ""}
+        record = {"name": name, "samples": 0, "keys": [], "bytes": 0, "sha256": ""}
     record.update(
         index=unit.index,
         inputs=unit.num_inputs,
@@ -402,7 +484,9 @@ def _seal(stage: Stage, plan: Plan, records: dict[int, dict], uri: str, fingerpr
         "rejected": by_kind.get("sample", 0),
         "rejected_by_kind": by_kind,
         "counts": counts,
-        "shards": [{k: rec[k] for k in ("name", "samples", "bytes", "sha256")} for rec in ordered],
+        "schema": stage.schema.name if stage.schema is not None else None,
+        "shards": [{"keys": rec.get("keys", []), **{k: rec[k] for k in ("name", "samples", "bytes", "sha256")}}
+                   for rec in ordered],
         "config": config_lib.redacted(config_lib.to_dict(job_config)) if job_config is not None else None,
     }
     storage.write_text(storage.join(uri, shards.MANIFEST), json.dumps(manifest, indent=1), options)

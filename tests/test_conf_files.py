@@ -17,12 +17,13 @@ from pipelines.demo import DemoConfig  # noqa: E402
 from maskflow.stages.affine_pairs import AffinePairsConfig  # noqa: E402
 from maskflow.stages.cluttered_digits import ClutteredDigitsConfig  # noqa: E402
 from maskflow.stages.ingest import IngestConfig  # noqa: E402
+from maskflow.stages.instance_maps import InstanceMapsConfig  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
 from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
-           "cluttered_digits": ClutteredDigitsConfig}
+           "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))

@@ -287,7 +287,8 @@ def davis_to_coco(
 ) -> tuple[dict, str]:
     """DAVIS 2016 (one foreground object per sequence, masks 0/255) to a COCO-video dict.
 
-    Images carry ``video_id`` and ``frame_index`` (0-based, sorted frame names); file names are ``<seq>/<frame>.jpg``
+    Images carry ``video_id`` and ``frame_index`` (the frame file's number, 0-based; position in sorted order when
+    the names are not numbers), and ``length`` is the last index + 1, so a missing frame shows as a gap; file names are ``<seq>/<frame>.jpg``
     relative to ``JPEGImages/<resolution>``; the top-level ``videos`` list holds ``{id, name, length}``. Each frame
     with a non-empty mask gets one annotation with ``track_id`` 1 (the object's id within its video).
     """
@@ -302,8 +303,12 @@ def davis_to_coco(
             skipped.append({"key": seq, "reason": "sequence without frames"})
             continue
         mask_names = set(storage.list_names(storage.join(ann_root, seq), options))
-        videos.append({"id": video_id, "name": seq, "length": len(frames)})
-        for frame_index, frame in enumerate(frames):
+        # DAVIS numbers its frames (00000.jpg, ...): the number is the frame's index, so a frame missing from the
+        # folder leaves a gap that consumers can see instead of silently shifting the later frames.
+        numbered = all(_stem(f).isdigit() for f in frames)
+        indices = [int(_stem(f)) for f in frames] if numbered else list(range(len(frames)))
+        videos.append({"id": video_id, "name": seq, "length": max(indices) + 1})
+        for frame_index, frame in zip(indices, frames):
             image_id = len(images) + 1
             file_name = f"{seq}/{frame}"
             try:

@@ -15,7 +15,9 @@ Conventions (COCO's, everywhere in maskflow unless a docstring says otherwise):
     ``<key>.json``   :class:`ImageMeta` as JSON: ``image_id`` int, ``file_name`` str, ``height`` int, ``width`` int,
                      ``source`` str (dataset name), ``annotations``: list of :class:`Annotation` dicts with
                      ``id`` int, ``category_id`` int, ``bbox`` [x,y,w,h] float, ``area`` float (mask pixels),
-                     ``iscrowd`` 0/1, ``segmentation`` RLE dict.
+                     ``iscrowd`` 0/1, ``segmentation`` RLE dict, and ``track_id`` int >= 1 in video data sets
+                     (the object's identity within its video). Frames of videos also carry ``video_id`` int and
+                     ``frame_index`` int (0-based position in the video).
 
 ``proposals`` samples (proposals job, ``pipelines/proposals.py``) — an ``image`` sample plus
     ``<key>.proposals.json``: ``boxes`` k x [x,y,w,h] float, ``scores`` k floats (descending),
@@ -27,7 +29,8 @@ Conventions (COCO's, everywhere in maskflow unless a docstring says otherwise):
 from __future__ import annotations
 
 import json
-from typing import Any, TypedDict
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
 
 IMAGE = "image"
 META = "json"
@@ -46,6 +49,7 @@ class Annotation(TypedDict):
     area: float
     iscrowd: int
     segmentation: RLE
+    track_id: NotRequired[int]  # video data sets only
 
 
 class ImageMeta(TypedDict):
@@ -69,3 +73,126 @@ def dumps(obj: Any) -> bytes:
 
 def loads(data: bytes | str) -> Any:
     return json.loads(data)
+
+
+# --------------------------------------------------------------------------------------------- declared schemas
+#
+# Every sample kind is declared once as a :class:`SampleSchema` next to the stage that writes it (its module
+# docstring says what each field means, its units and conventions). The stage harness checks every sample a stage
+# writes against its schema and records the schema's name in the manifest; a trainer reads the same object to decode
+# samples and to refuse shards of another kind.
+
+ENCODINGS = ("bytes", "json", "png", "npy")
+
+
+@dataclass(frozen=True)
+class Field:
+    suffix: str  # the tar entry's suffix: "<key>.<suffix>"
+    encoding: str  # bytes (left as is) | json | png (decoded to a uint8/uint16 array) | npy (numpy.save, no pickle)
+    doc: str = ""
+    optional: bool = False
+
+    def __post_init__(self):
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"field {self.suffix!r}: encoding must be one of {ENCODINGS}")
+
+
+@dataclass(frozen=True)
+class SampleSchema:
+    name: str  # e.g. "ffd_crop/1": kind and version (bump the version when a field changes meaning)
+    fields: tuple[Field, ...]
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return tuple(f.suffix for f in self.fields)
+
+    def problems(self, sample: dict) -> list[str]:
+        """What is wrong with a sample about to be written (missing required or undeclared fields)."""
+        present = set(sample) - {"__key__"}
+        declared = {f.suffix for f in self.fields}
+        out = [f"missing field {f.suffix!r}" for f in self.fields if not f.optional and f.suffix not in present]
+        out += [f"undeclared field {s!r}" for s in sorted(present - declared)]
+        return out
+
+    def decode(self, sample: dict) -> dict:
+        """Raw shard entries (bytes) to values: JSON parsed, PNG / NPY to numpy arrays, bytes kept."""
+        out = {"__key__": sample.get("__key__")}
+        for f in self.fields:
+            if f.suffix in sample:
+                out[f.suffix] = decode_value(sample[f.suffix], f.encoding)
+        return out
+
+
+def decode_value(value: Any, encoding: str) -> Any:
+    if encoding == "json":
+        return loads(value) if isinstance(value, (bytes, bytearray, str)) else value
+    if encoding == "png":
+        return load_png(bytes(value))
+    if encoding == "npy":
+        return load_npy(bytes(value))
+    return value
+
+
+def check_manifest_schema(manifest: dict, expected: SampleSchema, what: str) -> None:
+    """Fail fast (one line naming the config key) when a stage output holds another kind of sample."""
+    from maskflow.config import ConfigError
+
+    found = manifest.get("schema")
+    if found is not None and found != expected.name:
+        raise ConfigError(f"{what}: holds {found} samples, expected {expected.name}")
+
+
+# --------------------------------------------------------------------------------------------- codecs
+
+
+def png(array) -> bytes:
+    """H x W (grey, uint8 or uint16) or H x W x 3 (RGB uint8) array -> lossless PNG bytes (deterministic)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    array = np.ascontiguousarray(array)
+    buf = io.BytesIO()
+    image = Image.fromarray(array)  # uint16 -> mode "I;16": a 16-bit grey PNG
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_png(data: bytes):
+    """PNG bytes -> numpy array (uint8 grey/RGB; 16-bit grey PNGs -> uint16)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    array = np.array(image)
+    return array.astype(np.uint16) if image.mode.startswith("I") else array
+
+
+def npy(array, dtype=None) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=dtype if dtype is not None else np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes):
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+IMAGE_SCHEMA = SampleSchema("image/1", (
+    Field(IMAGE, "bytes", "encoded image (JPEG or PNG), as the data set had it"),
+    Field(META, "json", "ImageMeta: image id, size, source, annotations with RLE masks"),
+))
+PROPOSALS_SCHEMA = SampleSchema("proposals/1", IMAGE_SCHEMA.fields + (
+    Field(PROPOSALS, "json", "boxes, scores, RLE masks, IoU vs every ground-truth annotation, model URI"),
+))

@@ -216,14 +216,19 @@ def clean_annotation(ann: dict, height: int, width: int) -> tuple[Annotation | N
     if area <= 0:
         return None, ZERO_AREA
     box = mask_utils.toBbox(rle)
-    return {
+    clean = {
         "id": int(ann["id"]),
         "category_id": int(ann["category_id"]),
         "bbox": [float(v) for v in box],
         "area": area,
         "iscrowd": 1 if ann.get("iscrowd") else 0,
         "segmentation": rle_to_str(rle),
-    }, None
+    }
+    if "track_id" in ann:  # video data sets: the object's identity within its video, stable across frames
+        if not _is_int(ann["track_id"]) or ann["track_id"] < 1:
+            return None, "track_id must be a positive integer"
+        clean["track_id"] = int(ann["track_id"])
+    return clean, None
 
 
 # --------------------------------------------------------------------------------------------- images

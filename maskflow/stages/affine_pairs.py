@@ -54,7 +54,6 @@ sample's bytes; switching elastic or jitter on/off does not change the affine dr
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -62,12 +61,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from maskflow import shards, storage
 from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
 from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, plan_shard_units
+from maskflow.stage import (LACKS_IMAGE_OR_META, ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit,
+                            iter_unit_shards, plan_shard_units)
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops import warp as W
 from ops.masks import decode_masks
@@ -79,7 +78,16 @@ TARGET_MASK = "target_mask.png"
 FLOW_T2S = "flow_t2s.npy"
 FLOW_S2T = "flow_s2t.npy"
 PAIR = "pair.json"
-FIELDS = (SOURCE, TARGET, SOURCE_MASK, TARGET_MASK, FLOW_T2S, FLOW_S2T, PAIR)
+SCHEMA = schema.SampleSchema("pair/1", (
+    schema.Field(SOURCE, "png", "RGB source image"),
+    schema.Field(TARGET, "png", "RGB target image (warped, jittered)"),
+    schema.Field(SOURCE_MASK, "png", "foreground of the source, 255/0"),
+    schema.Field(TARGET_MASK, "png", "foreground of the target, 255/0"),
+    schema.Field(FLOW_T2S, "npy", "float32 (2, H, W): target pixel -> source location, px"),
+    schema.Field(FLOW_S2T, "npy", "float32 (2, H, W): source pixel -> target location, px"),
+    schema.Field(PAIR, "json", "geometry, parameters, keypoints (module docstring)"),
+))
+FIELDS = SCHEMA.suffixes
 NO_FOREGROUND = "image has no foreground"
 INVERSE_ITERATIONS = 30  # fixed-point steps of the elastic inverse (contraction factor <= 0.75 per step)
 
@@ -209,30 +217,7 @@ def jitter(image: torch.Tensor, factors: dict) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- encoding
 
-
-def png(array: np.ndarray) -> bytes:
-    """HxW (grey) or HxWx3 (RGB) uint8 -> PNG bytes (deterministic)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    return buf.getvalue()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def load_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.array(Image.open(io.BytesIO(data)))
+png, npy, load_png, load_npy = schema.png, schema.npy, schema.load_png, schema.load_npy
 
 
 # --------------------------------------------------------------------------------------------- one sample
@@ -297,25 +282,27 @@ def make_pair(key: str, image_bytes: bytes, meta: dict, s: PairSettings, source:
 
 class AffinePairsStage(Stage):
     name = "affine_pairs"
+    schema = SCHEMA
 
     def __init__(self, cfg: AffinePairsConfig, options: StorageOptions = DEFAULT_OPTIONS):
         self.cfg, self.options = cfg, options
 
     def plan(self) -> Plan:
-        return plan_shard_units(self.cfg.input.shards, self.options)
+        return plan_shard_units(self.cfg.input.shards, self.options, "input.shards")
 
     def fingerprint_config(self):
         return {"pairs": vars(self.cfg.pairs)}
 
     def process(self, unit: WorkUnit) -> Iterator[dict | Reject]:
         torch.set_num_threads(max(1, int(self.cfg.compute.cpus_per_worker)))
-        for uri in unit.items:
-            for sample in shards.iter_shard(uri, self.options):
-                if schema.IMAGE not in sample or schema.META not in sample:
-                    yield Reject(sample["__key__"], "sample lacks its image or json entry", source=uri)
-                    continue
+        for sample in iter_unit_shards(unit, self.options):
+            if isinstance(sample, Reject):
+                yield sample
+            elif schema.IMAGE not in sample or schema.META not in sample:
+                yield Reject(sample["__key__"], LACKS_IMAGE_OR_META, source=unit.source)
+            else:
                 yield make_pair(sample["__key__"], sample[schema.IMAGE], schema.loads(sample[schema.META]),
-                                self.cfg.pairs, source=uri)
+                                self.cfg.pairs, source=unit.source)
 
     def contact_sheet(self, samples: list[dict]):
         return pair_sheet(samples)

@@ -96,6 +96,7 @@ def plan_coco_units(cfg: CocoInputConfig, samples_per_shard: int, options: Stora
 
 class IngestStage(Stage):
     name = "ingest"
+    schema = schema.IMAGE_SCHEMA
 
     def __init__(self, cfg: IngestConfig, options: StorageOptions = DEFAULT_OPTIONS):
         self.cfg, self.options = cfg, options

@@ -14,14 +14,15 @@ from typing import Iterator
 
 import torch
 
-from maskflow import shards, storage
+from maskflow import storage
 from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
 from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn, resolve_model_uri
 from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
 from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched, plan_shard_units
+from maskflow.stage import (LACKS_IMAGE_OR_META, ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched,
+                            iter_unit_shards, plan_shard_units)
 from maskflow.stages.ingest import CocoInputConfig, image_sample, image_sample_sheet, plan_coco_units
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import mask_iou
@@ -71,6 +72,7 @@ class ProposalsConfig(Common):
 class ProposalsStage(Stage):
     name = "proposals"
     wants_gpu = True
+    schema = schema.PROPOSALS_SCHEMA
 
     def __init__(self, cfg: ProposalsConfig, options: StorageOptions = DEFAULT_OPTIONS, tracking_uri: str | None = None):
         check_model_uri(cfg.model.uri)
@@ -117,11 +119,12 @@ class ProposalsStage(Stage):
                     if isinstance(item, (dict, Reject)):
                         yield item
             return
-        for uri in unit.items:
-            for sample in shards.iter_shard(uri, self.options):
-                if schema.IMAGE not in sample or schema.META not in sample:
-                    yield Reject(sample["__key__"], "sample lacks its image or json entry", source=uri)
-                    continue
+        for sample in iter_unit_shards(unit, self.options):
+            if isinstance(sample, Reject):
+                yield sample
+            elif schema.IMAGE not in sample or schema.META not in sample:
+                yield Reject(sample["__key__"], LACKS_IMAGE_OR_META, source=unit.source)
+            else:
                 yield {**sample, schema.META: schema.loads(sample[schema.META])}
 
     def process(self, unit: WorkUnit) -> Iterator[dict | Reject]:
