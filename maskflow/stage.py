@@ -148,6 +148,7 @@ class InputShard:
     uri: str
     keys: list[str] | None  # None: an older manifest without keys (then only the count is known)
     samples: int
+    origin: int = 0  # position of its stage output among the inputs a stage was given
 
 
 def read_input_manifest(shards_uri: str, options: StorageOptions = DEFAULT_OPTIONS, what: str = "input.shards",
@@ -179,8 +180,9 @@ def plan_shard_units(shards_uris: str | list[str], options: StorageOptions = DEF
     or holds another kind of sample (``expect``)."""
     uris = [shards_uris] if isinstance(shards_uris, str) else list(shards_uris)
     units = []
-    for uri in uris:
+    for origin, uri in enumerate(uris):
         for shard in input_shards(uri, options, what, expect):
+            shard.origin = origin
             units.append(WorkUnit(len(units), [shard], source=shard.uri, expected_inputs=shard.samples))
     return Plan(units)
 

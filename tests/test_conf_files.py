@@ -16,6 +16,7 @@ from pipelines.convert import ConvertConfig  # noqa: E402
 from pipelines.demo import DemoConfig  # noqa: E402
 from maskflow.stages.affine_pairs import AffinePairsConfig  # noqa: E402
 from maskflow.stages.cluttered_digits import ClutteredDigitsConfig  # noqa: E402
+from maskflow.stages.ffd_crops import FFDCropsConfig  # noqa: E402
 from maskflow.stages.ingest import IngestConfig  # noqa: E402
 from maskflow.stages.instance_maps import InstanceMapsConfig  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
@@ -23,7 +24,8 @@ from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
-           "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig}
+           "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig,
+           "ffd_crops": FFDCropsConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))
