@@ -20,12 +20,13 @@ from maskflow.stages.ffd_crops import FFDCropsConfig  # noqa: E402
 from maskflow.stages.ingest import IngestConfig  # noqa: E402
 from maskflow.stages.instance_maps import InstanceMapsConfig  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
+from maskflow.stages.video_proposals import VideoProposalsConfig  # noqa: E402
 from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
            "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig,
-           "ffd_crops": FFDCropsConfig}
+           "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))

@@ -31,7 +31,7 @@ def run_proposals(model: dict, input_shards: str, out: str, options, top_k: int 
         "output": {"uri": out},
         "storage": {"endpoint_url": options.endpoint_url, "region": options.region},
     })
-    return stage.run_stage(ProposalsStage(cfg), cfg.output, cfg.compute, None, cfg, options)
+    return stage.run_stage(ProposalsStage(cfg, options), cfg.output, cfg.compute, None, cfg, options)
 
 
 def tamper(proposals_uri: str, options) -> dict:

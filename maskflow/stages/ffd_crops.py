@@ -52,7 +52,7 @@ from maskflow.data import schema
 from maskflow.data.validate import rle_to_bytes
 from maskflow.runtime import Common
 from maskflow.stage import ComputeConfig, Count, OutputConfig, Plan, Reject, Stage, WorkUnit, plan_shard_units
-from maskflow.stages.inputs import unit_image_samples
+from maskflow.stages.inputs import read_proposals, unit_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import decode_masks, mask_iou
 
@@ -68,7 +68,6 @@ SCHEMA = schema.SampleSchema("ffd_crop/1", (
 ))
 EMPTY_PROPOSAL = "empty proposal mask"
 DEGENERATE_BOX = "degenerate proposal box"
-LACKS_PROPOSALS = "sample lacks its proposals.json entry"
 MASK_CHUNK = 32  # proposal masks decoded at full resolution at a time (bounds memory on large images)
 
 
@@ -149,21 +148,6 @@ def paste_crops(crops: torch.Tensor, boxes: np.ndarray, height: int, width: int,
 # --------------------------------------------------------------------------------------------- one image
 
 
-def _proposals_problem(props: dict, height: int, width: int) -> str | None:
-    if not isinstance(props, dict):
-        return "malformed proposals: not a dict"
-    segs, boxes, scores = props.get("segmentations"), props.get("boxes"), props.get("scores")
-    if not (isinstance(segs, list) and isinstance(boxes, list) and isinstance(scores, list)):
-        return "malformed proposals: segmentations, boxes and scores must be lists"
-    if not len(segs) == len(boxes) == len(scores):
-        return f"malformed proposals: {len(segs)} masks, {len(boxes)} boxes, {len(scores)} scores"
-    for seg in segs:
-        if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
-            return f"proposal mask size {seg.get('size') if isinstance(seg, dict) else None} differs from image " \
-                   f"size {[height, width]}"
-    return None
-
-
 def _box_ok(box) -> bool:
     try:
         x, y, w, h = (float(v) for v in box)
@@ -174,13 +158,9 @@ def _box_ok(box) -> bool:
 
 def image_crops(key: str, image: torch.Tensor, meta: dict, props: dict, s: CropSettings, origin: int = 0,
                 source: str = "") -> Iterator[dict | Reject | Count]:
-    """The crops (and proposal rejects, counts) of one image; ``origin`` is the position of its proposals' input.
-    Pure: same inputs -> same bytes."""
+    """The crops (and proposal rejects, counts) of one image with checked proposals (:func:`read_proposals`);
+    ``origin`` is the position of its proposals' input. Pure: same inputs -> same bytes."""
     H, W = int(image.shape[-2]), int(image.shape[-1])
-    problem = _proposals_problem(props, H, W)
-    if problem:
-        yield Reject(key, problem, source=source)
-        return
     yield Count("images")
     segs = props["segmentations"]
     yield Count("proposals", len(segs))
@@ -275,13 +255,9 @@ class FFDCropsStage(Stage):
                 yield item
                 continue
             raw, image, meta = item
-            if schema.PROPOSALS not in raw:
-                yield Reject(raw["__key__"], LACKS_PROPOSALS, source=unit.source)
-                continue
-            try:
-                props = schema.loads(raw[schema.PROPOSALS])
-            except ValueError as e:
-                yield Reject(raw["__key__"], f"malformed proposals: {e}", source=unit.source)
+            props, problem = read_proposals(raw, *image.shape[-2:])
+            if problem:
+                yield Reject(raw["__key__"], problem, source=unit.source)
                 continue
             yield from image_crops(raw["__key__"], image, meta, props, self.cfg.crops, shard.origin, unit.source)
 

@@ -27,6 +27,37 @@ def mask_size_problem(meta: dict, height: int, width: int) -> str | None:
     return None
 
 
+def proposals_problem(props: dict, height: int, width: int) -> str | None:
+    """Why a ``proposals.json`` entry is unusable for an ``height`` x ``width`` image (None: it is usable)."""
+    if not isinstance(props, dict):
+        return "malformed proposals: not a dict"
+    segs, boxes, scores = props.get("segmentations"), props.get("boxes"), props.get("scores")
+    if not (isinstance(segs, list) and isinstance(boxes, list) and isinstance(scores, list)):
+        return "malformed proposals: segmentations, boxes and scores must be lists"
+    if not len(segs) == len(boxes) == len(scores):
+        return f"malformed proposals: {len(segs)} masks, {len(boxes)} boxes, {len(scores)} scores"
+    for seg in segs:
+        if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
+            return f"proposal mask size {seg.get('size') if isinstance(seg, dict) else None} differs from image " \
+                   f"size {[height, width]}"
+    return None
+
+
+LACKS_PROPOSALS = "sample lacks its proposals.json entry"
+
+
+def read_proposals(sample: dict, height: int, width: int) -> tuple[dict | None, str | None]:
+    """``(proposals, None)`` from a raw ``proposals`` sample, or ``(None, reason)``."""
+    if schema.PROPOSALS not in sample:
+        return None, LACKS_PROPOSALS
+    try:
+        props = schema.loads(sample[schema.PROPOSALS])
+    except ValueError as e:
+        return None, f"malformed proposals: {e}"
+    problem = proposals_problem(props, height, width)
+    return (None, problem) if problem else (props, None)
+
+
 def open_image_sample(sample: dict, source: str = "") -> tuple[torch.Tensor, dict] | Reject:
     """``(image (3, H, W) uint8, meta)`` of a raw ``image`` sample, or its reject."""
     key = sample["__key__"]
