@@ -25,6 +25,7 @@ bench: setup
 	$(BIN)/python bench/proposals_throughput.py
 	$(BIN)/python bench/shard_read.py
 	$(BIN)/python bench/train_loader.py
+	$(BIN)/python bench/stages.py
 	for b in bench/ops/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

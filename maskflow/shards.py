@@ -96,8 +96,10 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     while True:
         header = stream.read(512)
-        if not header or header == _ZERO_BLOCK:
+        if header == _ZERO_BLOCK:
             return
+        if not header:  # a tar ends with zero blocks: a stream that stops at a member boundary was cut short
+            raise tarfile.ReadError("truncated tar: no end-of-archive blocks")
         if len(header) < 512:
             raise tarfile.ReadError("truncated tar header")
         # The ustar magic catches misaligned or non-tar input; content integrity is the manifest's sha256

@@ -333,7 +333,9 @@ def _execute(stage: Stage, units: list[WorkUnit], output_uri: str, fingerprint: 
         _UnitWorker,
         fn_constructor_kwargs=dict(stage=stage, output_uri=output_uri, job_fingerprint=fingerprint, options=options),
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(compute.workers, len(units))),
+        # A fixed pool: every actor starts at once (an autoscaling pool from 1 adds the second only after a queue
+        # builds up, which on a short job costs most of its start-up again).
+        compute=ray.data.ActorPoolStrategy(size=min(compute.workers, len(units))),
         **_resources(stage, compute),
     )
     for row in ds.iter_rows():

@@ -78,3 +78,32 @@ def test_verify_catches_a_changed_shard(tmp_path):
     assert manifest["samples"] == 4 and shards.verify(out) == []
     (tmp_path / "out" / "shard-000001.tar").write_bytes(shards.tar_bytes(samples(1))[0])
     assert shards.verify(out) == ["shard-000001.tar: checksum mismatch"]
+
+
+def test_input_shard_checked_against_its_manifest_keys(tmp_path):
+    """What a consuming stage sees of a damaged input shard: every listed sample arrives or is rejected with the
+    reason (absent, shard missing, shard truncated); a sample the manifest does not list is set aside."""
+    from maskflow import stage
+
+    uri = str(tmp_path / "shard-000000.tar")
+    record = shards.write_shard(uri, samples(4))
+    assert record["keys"] == [f"{i:06d}" for i in range(4)]
+
+    def seen(keys, at=uri):
+        out = list(stage.iter_input_shard(stage.InputShard(at, keys, len(keys))))
+        return ([s["__key__"] for s in out if isinstance(s, dict)],
+                [(r.key, r.kind, r.reason) for r in out if isinstance(r, stage.Reject)])
+
+    good, rejects = seen(record["keys"] + ["000009"])
+    assert good == record["keys"] and rejects == [("000009", "sample", stage.LACKS_LISTED_SAMPLE)]
+    good, rejects = seen(record["keys"][1:])
+    assert good == record["keys"][1:] and rejects == [("000000", "unlisted", stage.UNLISTED_SAMPLE)]
+    good, rejects = seen(record["keys"], at=str(tmp_path / "gone.tar"))
+    assert good == [] and {r[2] for r in rejects} == {stage.INPUT_SHARD_MISSING} and len(rejects) == 4
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    boundary = data.index(b"000003.json")  # a copy cut off between two members, or inside one
+    for cut in (boundary, boundary + 700):
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        good, rejects = seen(record["keys"], at=str(tmp_path / "cut.tar"))
+        assert good == record["keys"][:3] and [r[0] for r in rejects] == ["000003"]
+        assert rejects[0][2].startswith("input shard unreadable after 3 samples: ReadError: truncated tar")

@@ -155,7 +155,9 @@ def png(array) -> bytes:
     array = np.ascontiguousarray(array)
     buf = io.BytesIO()
     image = Image.fromarray(array)  # uint16 -> mode "I;16": a 16-bit grey PNG
-    image.save(buf, format="PNG")
+    # zlib level 1: 2.6x faster than PIL's default 6 on photos (27 vs 70 ms for a 560 x 540 RGB image, 80% of a
+    # sample's time in the stages) for 2% more bytes; masks barely differ in time.
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

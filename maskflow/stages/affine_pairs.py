@@ -65,8 +65,8 @@ from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
 from maskflow.runtime import Common
-from maskflow.stage import (LACKS_IMAGE_OR_META, ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit,
-                            iter_unit_shards, plan_shard_units)
+from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, plan_shard_units
+from maskflow.stages.inputs import unit_raw_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops import warp as W
 from ops.masks import decode_masks
@@ -295,11 +295,9 @@ class AffinePairsStage(Stage):
 
     def process(self, unit: WorkUnit) -> Iterator[dict | Reject]:
         torch.set_num_threads(max(1, int(self.cfg.compute.cpus_per_worker)))
-        for sample in iter_unit_shards(unit, self.options):
+        for sample in unit_raw_image_samples(unit, self.options):
             if isinstance(sample, Reject):
                 yield sample
-            elif schema.IMAGE not in sample or schema.META not in sample:
-                yield Reject(sample["__key__"], LACKS_IMAGE_OR_META, source=unit.source)
             else:
                 yield make_pair(sample["__key__"], sample[schema.IMAGE], schema.loads(sample[schema.META]),
                                 self.cfg.pairs, source=unit.source)

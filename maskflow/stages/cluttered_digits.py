@@ -59,6 +59,10 @@ from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 
 IMAGE = "image.png"  # greyscale PNG of the canvas
 META = schema.META  # the sample's JSON
+SCHEMA = schema.SampleSchema("cluttered_digit/1", (
+    schema.Field(IMAGE, "png", "grey canvas, ink bright on black"),
+    schema.Field(META, "json", "label, origin; generated: affine, digit mask RLE, box, clutter pieces"),
+))
 
 DIGIT_SIDE = 28  # MNIST digits are 28 x 28
 CSV_COLUMNS = DIGIT_SIDE * DIGIT_SIDE + 1  # pixels, then the label
@@ -321,6 +325,7 @@ class ClutteredDigitsStage(Stage):
     """``input.source=generate``: units of sample ids; ``import_npz``: units of (split, row, sample id)."""
 
     name = "cluttered_digits"
+    schema = SCHEMA
 
     def __init__(self, cfg: ClutteredDigitsConfig, options: StorageOptions = DEFAULT_OPTIONS):
         self.cfg, self.options = cfg, options

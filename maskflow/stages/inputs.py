@@ -83,6 +83,18 @@ def open_image_sample(sample: dict, source: str = "") -> tuple[torch.Tensor, dic
     return image, meta
 
 
+def unit_raw_image_samples(unit: WorkUnit, options: StorageOptions = DEFAULT_OPTIONS) -> Iterator[dict | Reject]:
+    """Raw samples (entries still bytes) of a unit planned by ``plan_shard_units`` that have an image and a meta;
+    rejects for the rest. For stages that decode the image their own way."""
+    for sample in iter_unit_shards(unit, options):
+        if isinstance(sample, Reject):
+            yield sample
+        elif schema.IMAGE not in sample or schema.META not in sample:
+            yield Reject(sample["__key__"], LACKS_IMAGE_OR_META, source=unit.source)
+        else:
+            yield sample
+
+
 def unit_image_samples(unit: WorkUnit, options: StorageOptions = DEFAULT_OPTIONS
                        ) -> Iterator[tuple[dict, torch.Tensor, dict] | Reject]:
     """``(raw sample, image, meta)`` for each good sample of a unit planned by ``plan_shard_units``; rejects for the

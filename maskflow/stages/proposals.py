@@ -21,9 +21,9 @@ from maskflow.data.validate import decode_image
 from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn, resolve_model_uri
 from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
 from maskflow.runtime import Common
-from maskflow.stage import (LACKS_IMAGE_OR_META, ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched,
-                            iter_unit_shards, plan_shard_units)
+from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched, plan_shard_units
 from maskflow.stages.ingest import CocoInputConfig, image_sample, image_sample_sheet, plan_coco_units
+from maskflow.stages.inputs import unit_raw_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import mask_iou
 
@@ -119,11 +119,9 @@ class ProposalsStage(Stage):
                     if isinstance(item, (dict, Reject)):
                         yield item
             return
-        for sample in iter_unit_shards(unit, self.options):
+        for sample in unit_raw_image_samples(unit, self.options):
             if isinstance(sample, Reject):
                 yield sample
-            elif schema.IMAGE not in sample or schema.META not in sample:
-                yield Reject(sample["__key__"], LACKS_IMAGE_OR_META, source=unit.source)
             else:
                 yield {**sample, schema.META: schema.loads(sample[schema.META])}
 
