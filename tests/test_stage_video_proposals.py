@@ -54,7 +54,7 @@ def davis_copy(shared_data, tmp_path_factory):
     return root
 
 
-def test_davis_videos_on_s3(ray_local, davis_copy, penn_fudan_maskrcnn, s3_options, tmp_path):
+def test_davis_videos_on_s3(ray_local, davis_copy, penn_fudan_maskrcnn, s3_options, tmp_path, tracking_cfg):
     bucket = f"mf-video-{uuid.uuid4().hex[:8]}"
     storage.s3_client(s3_options).create_bucket(Bucket=bucket)
     coco, images = davis_to_coco(str(davis_copy))
@@ -71,7 +71,7 @@ def test_davis_videos_on_s3(ray_local, davis_copy, penn_fudan_maskrcnn, s3_optio
         "output": {"uri": out, "samples_per_shard": FRAMES},
         "storage": {"endpoint_url": s3_options.endpoint_url, "region": s3_options.region},
     })
-    manifest = stage.run_stage(vp.VideoProposalsStage(cfg, s3_options), cfg.output, cfg.compute, None, cfg,
+    manifest = stage.run_stage(vp.VideoProposalsStage(cfg, s3_options), cfg.output, cfg.compute, tracking_cfg, cfg,
                                s3_options)
     assert manifest["schema"] == vp.SCHEMA.name
     assert manifest["inputs"] == 4 and manifest["rejected"] == 2 and manifest["samples"] == 2 * FRAMES
@@ -113,6 +113,12 @@ def test_davis_videos_on_s3(ray_local, davis_copy, penn_fudan_maskrcnn, s3_optio
         ref = mask_utils.iou([rle_to_bytes(r) for r in p["segmentations"]], [rle_to_bytes(frame["gt"]["1"])], [0])
         assert np.allclose(np.asarray(p["iou"]), np.asarray(ref).reshape(k, 1), atol=1e-6)
         assert p["model"] == penn_fudan_maskrcnn["uri"]
+
+    import mlflow
+
+    run = mlflow.get_run(manifest["mlflow_run_id"])
+    assert run.data.metrics["samples"] == 2 * FRAMES and run.data.metrics["count.videos"] == 2
+    assert "contact_sheet.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
 
 
 def test_synthetic_videos_from_coco_video_json(ray_local, penn_fudan_maskrcnn, tmp_path):
