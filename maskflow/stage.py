@@ -39,6 +39,7 @@ import numpy as np
 from maskflow import shards, storage, tracking
 from maskflow.config import require
 from maskflow.data.schema import SampleSchema
+from maskflow.runtime import Common
 from maskflow.storage import DEFAULT_OPTIONS, StorageError, StorageOptions
 from maskflow.tracking import TrackingConfig
 
@@ -66,6 +67,14 @@ class ComputeConfig:
         require(self.workers >= 1, "workers", "must be at least 1")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+
+
+@dataclass
+class StageJobConfig(Common):
+    """The blocks every stage job's config has; a stage's config adds its ``input`` and settings."""
+
+    output: OutputConfig = field(default_factory=OutputConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 @dataclass
@@ -511,8 +520,7 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 def stage_main(schema: type, make_stage, argv: list[str] | None = None, description: str | None = None) -> dict:
     """The body of every stage script: parse the config (YAML + overrides), build the stage, run it.
 
-    ``make_stage(cfg, options)`` returns the :class:`Stage`; the config must carry the ``Common`` blocks plus
-    ``output`` and ``compute``.
+    ``make_stage(cfg, options)`` returns the :class:`Stage`; ``schema`` is a :class:`StageJobConfig`.
     """
     from maskflow import config as config_lib
     from maskflow.runtime import setup_logging

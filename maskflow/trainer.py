@@ -33,7 +33,7 @@ from typing import Any, Literal
 from maskflow import shards, storage, tracking
 from maskflow.config import require
 from maskflow.runtime import Common, init_ray
-from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+from maskflow.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 

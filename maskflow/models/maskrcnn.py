@@ -21,7 +21,6 @@ Helpers convert between the shard schema (:mod:`maskflow.data.schema`) and torch
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

@@ -64,8 +64,7 @@ import torch
 from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
-from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, plan_shard_units
+from maskflow.stage import Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
 from maskflow.stages.inputs import unit_raw_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops import warp as W
@@ -129,11 +128,9 @@ class PairSettings:
 
 
 @dataclass
-class AffinePairsConfig(Common):
+class AffinePairsConfig(StageJobConfig):
     input: AffinePairsInputConfig = field(default_factory=AffinePairsInputConfig)
     pairs: PairSettings = field(default_factory=PairSettings)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 # --------------------------------------------------------------------------------------------- geometry

@@ -53,8 +53,7 @@ import numpy as np
 from maskflow import storage
 from maskflow.config import require
 from maskflow.data import schema
-from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, Count, OutputConfig, Plan, Reject, Stage, WorkUnit, batched
+from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, batched
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 
 IMAGE = "image.png"  # greyscale PNG of the canvas
@@ -106,11 +105,9 @@ class GeneratorConfig:
 
 
 @dataclass
-class ClutteredDigitsConfig(Common):
+class ClutteredDigitsConfig(StageJobConfig):
     input: DigitsInputConfig = field(default_factory=DigitsInputConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 # --------------------------------------------------------------------------------------------- reading sources

@@ -50,8 +50,7 @@ from pycocotools import mask as mask_utils
 from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.validate import rle_to_bytes
-from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, Count, OutputConfig, Plan, Reject, Stage, WorkUnit, plan_shard_units
+from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
 from maskflow.stages.inputs import read_proposals, unit_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import decode_masks, mask_iou
@@ -94,11 +93,9 @@ class CropSettings:
 
 
 @dataclass
-class FFDCropsConfig(Common):
+class FFDCropsConfig(StageJobConfig):
     input: FFDCropsInputConfig = field(default_factory=FFDCropsInputConfig)
     crops: CropSettings = field(default_factory=CropSettings)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -193,17 +190,15 @@ def image_crops(key: str, image: torch.Tensor, meta: dict, props: dict, s: CropS
     idx = np.array([usable[j] for j in kept])
     gt_of = best_gt[kept]
     boxes = crop_boxes(tight[idx], s.enlarge)
-    zeros = torch.zeros(len(idx), dtype=torch.long)
-    pixels = crop_resize(image[None], zeros, boxes, s.size).round().clamp(0, 255).to(torch.uint8)
+    same_image = torch.zeros(len(idx), dtype=torch.long)
+    pixels = crop_resize(image[None], same_image, boxes, s.size).round().clamp(0, 255).to(torch.uint8)
     gt_planes = torch.from_numpy(decode_masks([a["segmentation"] for a in gts], H, W)).float()[:, None]
     gt_crops = crop_resize(gt_planes, torch.from_numpy(gt_of), boxes, s.size)[:, 0] > s.mask_threshold
     prop_crops = torch.empty((len(idx), s.size, s.size), dtype=torch.bool)
     for start in range(0, len(idx), MASK_CHUNK):
-        chunk = idx[start:start + MASK_CHUNK]
-        planes = torch.from_numpy(decode_masks([segs[i] for i in chunk], H, W)).float()[:, None]
-        prop_crops[start:start + len(chunk)] = crop_resize(planes, torch.arange(len(chunk)),
-                                                           boxes[start:start + len(chunk)], s.size)[:, 0] \
-            > s.mask_threshold
+        part = slice(start, start + MASK_CHUNK)
+        planes = torch.from_numpy(decode_masks([segs[i] for i in idx[part]], H, W)).float()[:, None]
+        prop_crops[part] = crop_resize(planes, torch.arange(len(planes)), boxes[part], s.size)[:, 0] > s.mask_threshold
     scores = props["scores"]
     for n, (i, g) in enumerate(zip(idx.tolist(), gt_of.tolist())):
         gt = gts[g]

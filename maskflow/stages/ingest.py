@@ -15,8 +15,7 @@ from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.coco import image_records, load_coco_json
 from maskflow.data.validate import clean_annotation, decode_image
-from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, Count, OutputConfig, Plan, Reject, Stage, WorkUnit, batched
+from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, batched
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 
 
@@ -32,10 +31,8 @@ class CocoInputConfig:
 
 
 @dataclass
-class IngestConfig(Common):
+class IngestConfig(StageJobConfig):
     input: CocoInputConfig = field(default_factory=CocoInputConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def image_sample(record: dict, source: str, options: StorageOptions) -> Iterator[dict | Reject | Count]:

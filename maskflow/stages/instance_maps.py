@@ -46,8 +46,7 @@ import torch.nn.functional as F
 
 from maskflow.config import require
 from maskflow.data import schema
-from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, Count, OutputConfig, Plan, Reject, Stage, WorkUnit, plan_shard_units
+from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
 from maskflow.stages.inputs import unit_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import decode_masks
@@ -86,11 +85,9 @@ class ResizeConfig:
 
 
 @dataclass
-class InstanceMapsConfig(Common):
+class InstanceMapsConfig(StageJobConfig):
     input: InstanceMapsInputConfig = field(default_factory=InstanceMapsInputConfig)
     resize: ResizeConfig = field(default_factory=ResizeConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def target_size(height: int, width: int, cfg: ResizeConfig) -> tuple[int, int]:

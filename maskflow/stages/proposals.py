@@ -20,8 +20,7 @@ from maskflow.data import schema
 from maskflow.data.validate import decode_image
 from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn, resolve_model_uri
 from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
-from maskflow.runtime import Common
-from maskflow.stage import ComputeConfig, OutputConfig, Plan, Reject, Stage, WorkUnit, batched, plan_shard_units
+from maskflow.stage import Plan, Reject, Stage, StageJobConfig, WorkUnit, batched, plan_shard_units
 from maskflow.stages.ingest import CocoInputConfig, image_sample, image_sample_sheet, plan_coco_units
 from maskflow.stages.inputs import unit_raw_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
@@ -61,12 +60,10 @@ class ProposalSettings:
 
 
 @dataclass
-class ProposalsConfig(Common):
+class ProposalsConfig(StageJobConfig):
     input: ProposalsInputConfig = field(default_factory=ProposalsInputConfig)
     model: ProposalModelConfig = field(default_factory=ProposalModelConfig)
     proposals: ProposalSettings = field(default_factory=ProposalSettings)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 class ProposalsStage(Stage):

@@ -47,9 +47,8 @@ from maskflow import storage
 from maskflow.config import ConfigError, require
 from maskflow.data import schema
 from maskflow.data.coco import load_coco_json
-from maskflow.runtime import Common
-from maskflow.stage import (ComputeConfig, Count, InputShard, OutputConfig, Plan, Reject, Stage, WorkUnit,
-                            input_shards, iter_input_shard)
+from maskflow.stage import (Count, InputShard, Plan, Reject, Stage, StageJobConfig, WorkUnit, input_shards,
+                            iter_input_shard)
 from maskflow.stages.inputs import open_image_sample, read_proposals
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import mask_iou
@@ -91,11 +90,9 @@ class VideoSettings:
 
 
 @dataclass
-class VideoProposalsConfig(Common):
+class VideoProposalsConfig(StageJobConfig):
     input: VideoInputConfig = field(default_factory=VideoInputConfig)
     videos: VideoSettings = field(default_factory=VideoSettings)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def frame_key(video_id: int, frame_index: int) -> str:
