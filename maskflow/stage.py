@@ -217,7 +217,9 @@ def iter_input_shard(shard: InputShard, options: StorageOptions = DEFAULT_OPTION
             yield sample
     except FileNotFoundError:
         problem = INPUT_SHARD_MISSING
-    except (tarfile.ReadError, OSError, UnicodeDecodeError) as e:
+    # Damaged data rejects what it lost; an I/O error (network...) is not caught: it fails the unit, and a re-run
+    # retries it rather than writing off samples that are fine.
+    except (tarfile.ReadError, UnicodeDecodeError) as e:
         problem = f"input shard unreadable after {len(seen)} samples: {type(e).__name__}: {e}"
     if listed is not None:
         for key in shard.keys:

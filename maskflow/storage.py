@@ -173,7 +173,12 @@ def open_uri(uri: str, mode: str = "rb", options: StorageOptions = DEFAULT_OPTIO
         return open(loc.path, mode)
     import smart_open
 
-    return smart_open.open(uri, mode, transport_params={"client": s3_client(options)})
+    try:
+        return smart_open.open(uri, mode, transport_params={"client": s3_client(options)})
+    except OSError as e:  # smart_open wraps a missing key in a plain OSError: say what it is, as for local files
+        if "r" in mode and any(_error_code(c) in ("NoSuchKey", "404") for c in (e.__cause__, e.__context__) if c):
+            raise FileNotFoundError(uri) from None
+        raise
 
 
 def read_bytes(uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> bytes:

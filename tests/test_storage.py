@@ -116,6 +116,19 @@ def test_read_missing_raises_file_not_found(tmp_path, s3_bucket, s3_options):
         storage.read_bytes(f"s3://{s3_bucket}/nope.bin", s3_options)
 
 
+def test_open_missing_s3_key_raises_file_not_found(s3_bucket, s3_options):
+    """smart_open says OSError for a missing key; the storage module says what it is, as for local files, so a
+    consumer can tell a missing input shard (rejected) from an I/O failure (retried)."""
+    from maskflow import stage
+
+    uri = f"s3://{s3_bucket}/out/shard-000000.tar"
+    with pytest.raises(FileNotFoundError):
+        storage.open_uri(uri, "rb", s3_options)
+    rejects = list(stage.iter_input_shard(stage.InputShard(uri, ["000001", "000002"], 2), s3_options))
+    assert [(r.key, r.reason) for r in rejects] == [("000001", stage.INPUT_SHARD_MISSING),
+                                                     ("000002", stage.INPUT_SHARD_MISSING)]
+
+
 def test_list_names_hides_temporaries_local(tmp_path):
     (tmp_path / f"{storage.TMP_PREFIX}abc-shard.tar").write_bytes(b"partial")
     (tmp_path / "shard.tar").write_bytes(b"done")
