@@ -43,6 +43,7 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from maskflow.config import require
 from maskflow.data import schema
@@ -145,8 +146,6 @@ def compact_labels(instances: np.ndarray, painted: list[dict]) -> tuple[np.ndarr
     lut = np.zeros(n + 1, np.uint16)
     lut[keep] = np.arange(1, len(keep) + 1, dtype=np.uint16)
     relabelled = lut[instances]
-    from scipy import ndimage
-
     boxes = ndimage.find_objects(relabelled, max_label=len(keep))  # tight slices per label, in one C pass
     stats = []
     for new, (old, (ys, xs)) in enumerate(zip(keep, boxes), 1):
@@ -154,8 +153,7 @@ def compact_labels(instances: np.ndarray, painted: list[dict]) -> tuple[np.ndarr
         stats.append({"label": new, "annotation_id": int(ann["id"]), "category_id": int(ann["category_id"]),
                       "area": int(areas[old]),
                       "bbox": [xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start]})
-    k = len(keep)
-    return relabelled, stats, n - k
+    return relabelled, stats, n - len(keep)
 
 
 def make_instance_map(key: str, image: torch.Tensor, meta: dict, cfg: ResizeConfig
