@@ -124,6 +124,9 @@ class Stage(abc.ABC):
     wants_gpu = False  # True for model-inference stages
     schema: "SampleSchema | None" = None  # what every sample of this stage holds (checked as it is written)
 
+    def __init__(self, cfg: StageJobConfig | None = None, options: StorageOptions = DEFAULT_OPTIONS):
+        self.cfg, self.options = cfg, options
+
     @abc.abstractmethod
     def plan(self) -> Plan:
         """Driver side: the deterministic work units, and inputs rejected while planning."""

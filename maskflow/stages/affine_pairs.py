@@ -66,7 +66,6 @@ from maskflow.data import schema
 from maskflow.data.validate import decode_image
 from maskflow.stage import Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
 from maskflow.stages.inputs import unit_raw_image_samples
-from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops import warp as W
 from ops.masks import decode_masks
 
@@ -280,9 +279,6 @@ def make_pair(key: str, image_bytes: bytes, meta: dict, s: PairSettings, source:
 class AffinePairsStage(Stage):
     name = "affine_pairs"
     schema = SCHEMA
-
-    def __init__(self, cfg: AffinePairsConfig, options: StorageOptions = DEFAULT_OPTIONS):
-        self.cfg, self.options = cfg, options
 
     def plan(self) -> Plan:
         return plan_shard_units(self.cfg.input.shards, self.options, "input.shards")

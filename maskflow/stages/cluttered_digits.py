@@ -325,7 +325,7 @@ class ClutteredDigitsStage(Stage):
     schema = SCHEMA
 
     def __init__(self, cfg: ClutteredDigitsConfig, options: StorageOptions = DEFAULT_OPTIONS):
-        self.cfg, self.options = cfg, options
+        super().__init__(cfg, options)
         self.input_sha256 = ""  # set by plan(): the source file's checksum (part of the job fingerprint)
         self._data = None  # worker state, loaded in setup()
 

@@ -52,7 +52,6 @@ from maskflow.data import schema
 from maskflow.data.validate import rle_to_bytes
 from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
 from maskflow.stages.inputs import read_proposals, unit_image_samples
-from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import decode_masks, mask_iou
 
 IMAGE = "image.png"
@@ -231,9 +230,6 @@ def image_crops(key: str, image: torch.Tensor, meta: dict, props: dict, s: CropS
 class FFDCropsStage(Stage):
     name = "ffd_crops"
     schema = SCHEMA
-
-    def __init__(self, cfg: FFDCropsConfig, options: StorageOptions = DEFAULT_OPTIONS):
-        self.cfg, self.options = cfg, options
 
     def plan(self) -> Plan:
         return plan_shard_units(self.cfg.input.proposals, self.options, "input.proposals",

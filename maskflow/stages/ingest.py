@@ -16,7 +16,7 @@ from maskflow.data import schema
 from maskflow.data.coco import image_records, load_coco_json
 from maskflow.data.validate import clean_annotation, decode_image
 from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, batched
-from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+from maskflow.storage import StorageOptions
 
 
 @dataclass
@@ -94,9 +94,6 @@ def plan_coco_units(cfg: CocoInputConfig, samples_per_shard: int, options: Stora
 class IngestStage(Stage):
     name = "ingest"
     schema = schema.IMAGE_SCHEMA
-
-    def __init__(self, cfg: IngestConfig, options: StorageOptions = DEFAULT_OPTIONS):
-        self.cfg, self.options = cfg, options
 
     def plan(self) -> Plan:
         return plan_coco_units(self.cfg.input, self.cfg.output.samples_per_shard, self.options)

@@ -49,7 +49,6 @@ from maskflow.config import require
 from maskflow.data import schema
 from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
 from maskflow.stages.inputs import unit_image_samples
-from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import decode_masks
 
 IMAGE = "image.png"
@@ -186,9 +185,6 @@ def make_instance_map(key: str, image: torch.Tensor, meta: dict, cfg: ResizeConf
 class InstanceMapsStage(Stage):
     name = "instance_maps"
     schema = SCHEMA
-
-    def __init__(self, cfg: InstanceMapsConfig, options: StorageOptions = DEFAULT_OPTIONS):
-        self.cfg, self.options = cfg, options
 
     def plan(self) -> Plan:
         return plan_shard_units(self.cfg.input.shards, self.options, "input.shards")

@@ -73,7 +73,8 @@ class ProposalsStage(Stage):
 
     def __init__(self, cfg: ProposalsConfig, options: StorageOptions = DEFAULT_OPTIONS, tracking_uri: str | None = None):
         check_model_uri(cfg.model.uri)
-        self.cfg, self.options, self.tracking_uri = cfg, options, tracking_uri
+        super().__init__(cfg, options)
+        self.tracking_uri = tracking_uri
         self.model_uri = cfg.model.uri  # resolved to a concrete registry version in plan()
         self.model = None
 

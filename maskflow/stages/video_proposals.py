@@ -50,7 +50,7 @@ from maskflow.data.coco import load_coco_json
 from maskflow.stage import (Count, InputShard, Plan, Reject, Stage, StageJobConfig, WorkUnit, input_shards,
                             iter_input_shard)
 from maskflow.stages.inputs import open_image_sample, read_proposals
-from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+from maskflow.storage import StorageOptions
 from ops.masks import mask_iou
 
 FRAME = "frame.json"
@@ -246,9 +246,6 @@ def video_samples(video: dict, raw: dict[str, dict], s: VideoSettings,
 class VideoProposalsStage(Stage):
     name = "video_proposals"
     schema = SCHEMA
-
-    def __init__(self, cfg: VideoProposalsConfig, options: StorageOptions = DEFAULT_OPTIONS):
-        self.cfg, self.options = cfg, options
 
     def plan(self) -> Plan:
         uri = self.cfg.input.proposals
