@@ -6,6 +6,16 @@ YAML, as in timm), and gets a typed object back. Unknown keys and values of the 
 :class:`ConfigError` whose message is one line naming the key.
 
 A YAML file may start with ``_base_: other.yaml`` (a path relative to the file) to inherit and override another.
+
+Fields that hold data locations are typed :data:`Uri`. Code and configs travel with a job (``--config`` and
+``_base_`` resolve against the working directory, which ``ray job submit --working-dir`` uploads); data does not, so
+a relative ``Uri`` resolves against ``$MASKFLOW_BASE_DIR`` when that is set (a directory the cluster shares with the
+submitter; ``cluster/local.sh`` sets it to the checkout), and inside an uploaded working directory without it is
+refused in one line (it would land in Ray's temporary copy and be lost when the job ends). Elsewhere it stays
+relative to the working directory.
+
+This module imports nothing heavy: a job parses its config, and reports a config error, before torch, Ray or MLflow
+load.
 """
 
 from __future__ import annotations
@@ -16,13 +26,19 @@ import os
 import sys
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
 T = TypeVar("T")
 
 SECRET_WORDS = ("secret", "password", "token", "access_key")
+
+BASE_DIR_ENV = "MASKFLOW_BASE_DIR"
+_URI = "maskflow.uri"
+# A data location: a local path, file://, s3://, a sqlite:/// tracking database, or a model URI (models:/, runs:/,
+# torchvision:). Relative local paths are resolved by :func:`resolve_relative_uri` when the config is built.
+Uri = Annotated[str, _URI]
 
 
 class ConfigError(ValueError):
@@ -96,7 +112,7 @@ def build(schema: type[T], data: dict | None, prefix: str = "") -> T:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in data:
         if key not in fields:
@@ -106,10 +122,13 @@ def build(schema: type[T], data: dict | None, prefix: str = "") -> T:
         key = f"{prefix}{name}"
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], key)
-        elif dataclasses.is_dataclass(hints[name]):  # validate defaults of nested blocks too
+        elif dataclasses.is_dataclass(hints[name]) or _has_uri(hints[name]):  # defaults are validated / resolved too
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            data_default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
-            kwargs[name] = build(hints[name], data_default, prefix=f"{key}.")
+            if dataclasses.is_dataclass(hints[name]):
+                data_default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+                kwargs[name] = build(hints[name], data_default, prefix=f"{key}.")
+            else:
+                kwargs[name] = _coerce(hints[name], default, key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing")
     try:
@@ -131,10 +150,58 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _has_uri(tp: Any) -> bool:
+    if get_origin(tp) is Annotated:
+        return _URI in tp.__metadata__
+    return any(_has_uri(arg) for arg in get_args(tp))
+
+
+def in_uploaded_working_dir() -> bool:
+    """True in a Ray job whose working directory is an uploaded copy (``ray job submit --working-dir``)."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        job = {}
+    working_dir = (job.get("runtime_env") or {}).get("working_dir")
+    return bool(working_dir) or f"{os.sep}runtime_resources{os.sep}" in os.getcwd()
+
+
+_NOT_LOCAL = ("models:/", "runs:/", "torchvision:")
+
+
+def resolve_relative_uri(value: str, key: str) -> str:
+    """A relative local path in a :data:`Uri` field: against ``$MASKFLOW_BASE_DIR`` when set; refused in an
+    uploaded Ray working directory; else unchanged (relative to the working directory)."""
+    if not value or value.startswith(_NOT_LOCAL):
+        return value
+    prefix, path = "", value
+    for scheme in ("sqlite:///", "file://"):
+        if value.startswith(scheme):
+            prefix, path = scheme, value[len(scheme):]
+    if "://" in path or os.path.isabs(os.path.expanduser(path)):
+        return value
+    base = os.environ.get(BASE_DIR_ENV)
+    if base:
+        if not os.path.isdir(base):
+            raise ConfigError(f"{key}: {BASE_DIR_ENV}={base} is not a directory on this node; relative paths need a "
+                              "directory the cluster shares, or give an absolute path or s3:// URI")
+        return prefix + os.path.normpath(os.path.join(base, path))
+    if in_uploaded_working_dir():
+        raise ConfigError(f"{key}: relative path {value!r} would resolve inside Ray's temporary copy of the working "
+                          f"directory and be lost; give an absolute path or s3:// URI, or set {BASE_DIR_ENV} on the "
+                          "cluster (see cluster/README.md)")
+    return value
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        value = _coerce(get_args(tp)[0], value, key)
+        return resolve_relative_uri(value, key) if _URI in tp.__metadata__ and isinstance(value, str) else value
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
         if value is None:
@@ -242,8 +309,13 @@ def parse_cli(schema: type[T], argv: list[str] | None = None, description: str |
     return load(schema, args.config, args.overrides)
 
 
+class JobFailed(RuntimeError):
+    """A job ran but part of its work failed (the rest is kept); ``str(e)`` is one line naming what and the fix."""
+
+
 def main_guard(fn) -> None:
-    """Run a CLI entry point; config and storage errors print one line and exit 2 (no traceback)."""
+    """Run a CLI entry point: config and input errors print one line and exit 2, a job that ran but failed in part
+    prints one line and exits 1 (no traceback: the line names the input and what to do)."""
     from maskflow.storage import StorageError
 
     try:
@@ -251,3 +323,6 @@ def main_guard(fn) -> None:
     except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except JobFailed as e:
+        print(f"failed: {e}", file=sys.stderr)
+        sys.exit(1)

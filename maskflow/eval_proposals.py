@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.data.schema import META, PROPOSALS, loads
 from maskflow.runtime import Common
 from ops.metrics import IOU_THRESHOLDS, proposal_recall
@@ -81,7 +81,7 @@ class ModelRef:
 
 @dataclass
 class EvaluateProposalsConfig(Common):
-    proposals: str = ""  # a proposals stage output (directory with manifest.json)
+    proposals: Uri = ""  # a proposals stage output (directory with manifest.json)
     max_proposals: list[int] = field(default_factory=lambda: [10, 100, 1000])
     model: ModelRef = field(default_factory=ModelRef)
 

@@ -57,21 +57,71 @@ def setup_logging() -> None:
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Join or start Ray once per process."""
+    """Join the cluster ``cfg.address`` or ``$RAY_ADDRESS`` names (set by ``ray job submit``), else start an embedded
+    Ray of this process's own; once per process."""
+    import sys
+
+    if "ray" not in sys.modules:  # Ray reads its auth mode when imported (see start_embedded_ray)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
         return
+    quiet_ray_data()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    kwargs = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
-    if cfg.object_store_memory_gb:
-        kwargs["object_store_memory"] = int(cfg.object_store_memory_gb * (1 << 30))
-    log.info("starting embedded Ray (num_cpus=%s)", cfg.num_cpus or os.cpu_count())
-    ray.init(**kwargs)
+    start_embedded_ray(cfg.num_cpus, cfg.num_gpus, cfg.object_store_memory_gb)
+    log.info("started embedded Ray (%d CPUs)", int(ray.cluster_resources().get("CPU", 0)))
+
+
+def start_embedded_ray(num_cpus: int | None = None, num_gpus: int | None = None,
+                       object_store_memory_gb: float | None = None, **extra) -> None:
+    """``ray.init`` of an embedded local Ray that never confuses itself with another Ray on the machine.
+
+    Some of Ray's own actors (Ray Train's placement-group cleaner) find "their" cluster through ``$RAY_ADDRESS`` or,
+    without it, by scanning the machine for GCS processes, which fails when another Ray runs there. So the embedded
+    GCS gets a port chosen here, on loopback, and every worker gets ``RAY_ADDRESS`` naming it. Token authentication
+    stays on (Ray's default for local clusters); :func:`init_ray` sets it explicitly before Ray is first imported, so
+    Ray does not warn about it (set later, the driver would not send the token its own cluster asks for)."""
+    import ray
+
+    port = free_port()
+    runtime_env = extra.pop("runtime_env", None) or {}
+    runtime_env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}}
+    kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                  runtime_env=runtime_env, **extra)
+    if object_store_memory_gb:
+        kwargs["object_store_memory"] = int(object_store_memory_gb * (1 << 30))
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the head; not for children
+    try:
+        ray.init(**kwargs)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def quiet_ray_data() -> None:
+    """Ray Data settings for a readable driver log: the stage harness and the trainer print their own progress (a
+    line per shard or epoch, a tqdm bar on a terminal), so Ray Data's periodic status blocks and bars are off."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # Ray Data logs once per process that its bars are off, as a warning; this process turned them off on purpose.
+    log_once("ray_data_progress_manager_disabled")
+    if log.getEffectiveLevel() > logging.DEBUG:  # "starting/finished execution" lines: per dataset, repeated
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def cluster_has_gpus() -> bool:

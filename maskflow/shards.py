@@ -8,7 +8,8 @@ atomically through :func:`maskflow.storage.atomic_writer`.
 A stage's output directory holds::
 
     shard-000000.tar        the samples
-    shard-000000.json       the shard's record (samples, bytes, sha256, rejects, counts), written after its tar
+    shard-000000.json       the shard's record (samples, keys, per-sample sha256, bytes, sha256, rejects, counts),
+                            written after its tar
     ...
     rejects.jsonl           every rejected input with its reason
     manifest.json           written last: the list of complete shards, totals, config, code version
@@ -49,41 +50,68 @@ def encode_entry(value: Any) -> bytes:
     return schema.dumps(value)
 
 
-def tar_bytes(samples: Iterable[dict]) -> tuple[bytes, int]:
-    """Serialise samples (``{"__key__": str, suffix: bytes | str | JSON-able}``) into a deterministic tar.
+def sample_entries(sample: dict) -> list[tuple[str, bytes]]:
+    """The tar members ``(name, data)`` of one sample (``{"__key__": str, suffix: value}``), in the order they are
+    written (suffixes sorted) or, for a sample read back from a shard, in the order they were read."""
+    key = sample["__key__"]
+    return [(f"{key}.{suffix}", encode_entry(value)) for suffix, value in sample.items() if suffix != "__key__"]
 
-    Returns (tar bytes, number of samples).
-    """
+
+def sample_digest(entries: Iterable[tuple[str, bytes]]) -> str:
+    """sha256 (hex) of one sample's members in order: per member its name (UTF-8), a NUL, its length (8 bytes,
+    big-endian), its data. The writer records it per sample and a reader checks it, with this one function, so
+    damage to a single sample is caught (and named) without re-reading the whole shard."""
+    h = hashlib.sha256()
+    for name, data in entries:
+        h.update(name.encode("utf-8"))
+        h.update(b"\0")
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _tar(samples: Iterable[dict]) -> tuple[bytes, int, list[str]]:
+    """(tar bytes, number of samples, per-sample digests) of a deterministic tar of ``samples``."""
     buf = io.BytesIO()
-    count = 0
+    digests: list[str] = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = sample["__key__"]
             if "." in key or "/" in key:
                 raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-            for suffix in sorted(k for k in sample if k != "__key__"):
-                data = encode_entry(sample[suffix])
-                info = tarfile.TarInfo(f"{key}.{suffix}")
+            entries = sample_entries({"__key__": key, **{k: sample[k] for k in sorted(sample) if k != "__key__"}})
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
                 info.size = len(data)
                 info.mtime = 0
                 info.mode = 0o644
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
-            count += 1
-    return buf.getvalue(), count
+            digests.append(sample_digest(entries))
+    return buf.getvalue(), len(digests), digests
+
+
+def tar_bytes(samples: Iterable[dict]) -> tuple[bytes, int]:
+    """Serialise samples (``{"__key__": str, suffix: bytes | str | JSON-able}``) into a deterministic tar.
+
+    Returns (tar bytes, number of samples).
+    """
+    data, count, _ = _tar(samples)
+    return data, count
 
 
 def write_shard(uri: str, samples: Iterable[dict], options: StorageOptions = DEFAULT_OPTIONS) -> dict:
-    """Write samples as one shard, atomically. Returns its record: name, samples, keys, bytes, sha256.
+    """Write samples as one shard, atomically. Returns its record: name, samples, keys, sample_sha256, bytes, sha256.
 
     ``keys`` (the samples' keys in shard order) lets a consumer plan from the manifest alone (which shard holds which
-    sample) and notice a shard that lacks a sample it should have.
+    sample) and notice a shard that lacks a sample it should have; ``sample_sha256`` (parallel to ``keys``, see
+    :func:`sample_digest`) lets it notice a sample whose bytes were damaged, and reject just that sample.
     """
     samples = list(samples)
-    data, count = tar_bytes(samples)
+    data, count, digests = _tar(samples)
     storage.write_bytes(uri, data, options)
     return {"name": storage.basename(uri), "samples": count, "keys": [s["__key__"] for s in samples],
-            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            "sample_sha256": digests, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
@@ -197,12 +225,31 @@ def iter_samples(output_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> 
 
 
 def verify(output_uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> list[str]:
-    """Check every shard against the manifest's byte count and checksum; returns the problems found."""
+    """Check every shard against the manifest's byte count and checksum; returns the problems found. Where the
+    manifest has per-sample checksums, a changed shard's problem names the samples that are damaged or missing."""
     problems = []
     for rec in read_manifest(output_uri, options)["shards"]:
         if rec["samples"] == 0:
             continue
         data = storage.read_bytes(storage.join(output_uri, rec["name"]), options)
         if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
-            problems.append(f"{rec['name']}: checksum mismatch")
+            problems.append(f"{rec['name']}: checksum mismatch{_damaged_samples(data, rec)}")
     return problems
+
+
+def _damaged_samples(data: bytes, rec: dict, show: int = 10) -> str:
+    """`` (damaged or missing samples: k1, k2...)`` for a changed shard whose record has per-sample checksums."""
+    keys, digests = rec.get("keys"), rec.get("sample_sha256")
+    if not keys or not digests or len(keys) != len(digests):
+        return ""
+    expected, intact = dict(zip(keys, digests)), set()
+    try:
+        for sample in iter_tar_samples(io.BytesIO(data)):
+            key = sample["__key__"]
+            if key in expected and sample_digest(sample_entries(sample)) == expected[key]:
+                intact.add(key)
+    except (tarfile.ReadError, UnicodeDecodeError):
+        pass  # a cut or garbled tar: what was not read intact is listed below
+    bad = [k for k in keys if k not in intact]
+    more = f" and {len(bad) - show} more" if len(bad) > show else ""
+    return f" (damaged or missing samples: {', '.join(bad[:show])}{more})" if bad else ""

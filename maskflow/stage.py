@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from maskflow import shards, storage, tracking
-from maskflow.config import require
+from maskflow.config import JobFailed, Uri, require
 from maskflow.data.schema import SampleSchema
 from maskflow.runtime import Common
 from maskflow.storage import DEFAULT_OPTIONS, StorageError, StorageOptions
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OutputConfig:
-    uri: str = ""
+    uri: Uri = ""
     samples_per_shard: int = 64  # target shard size in samples (the unit of resume)
 
     def validate(self) -> None:
@@ -62,9 +62,11 @@ class ComputeConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the stage can use a GPU and the cluster has GPUs, else 0
     memory_per_worker_gb: float | None = None  # Ray memory reservation for heavy workers (models)
+    unit_retries: int = 2  # re-runs of a unit whose worker process died (crash, OOM) before it is marked failed
 
     def validate(self) -> None:
         require(self.workers >= 1, "workers", "must be at least 1")
+        require(self.unit_retries >= 0, "unit_retries", "must be >= 0")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
 
@@ -151,6 +153,7 @@ LACKS_IMAGE_OR_META = "sample lacks its image or json entry"
 LACKS_LISTED_SAMPLE = "input shard lacks a sample its manifest lists"
 INPUT_SHARD_MISSING = "input shard missing"
 UNLISTED_SAMPLE = "sample not listed in its input shard's manifest"
+CHECKSUM_MISMATCH = "checksum mismatch"  # a sample whose bytes differ from its manifest's sample_sha256
 
 
 @dataclass
@@ -161,6 +164,7 @@ class InputShard:
     keys: list[str] | None  # None: an older manifest without keys (then only the count is known)
     samples: int
     origin: int = 0  # position of its stage output among the inputs a stage was given
+    sample_sha256: list[str] | None = None  # parallel to keys (shards.sample_digest); None: an older manifest
 
 
 def read_input_manifest(shards_uri: str, options: StorageOptions = DEFAULT_OPTIONS, what: str = "input.shards",
@@ -181,7 +185,8 @@ def input_shards(shards_uri: str, options: StorageOptions = DEFAULT_OPTIONS, wha
                  expect: SampleSchema | None = None) -> list[InputShard]:
     """The non-empty shards of a finished stage output, in order, with the keys each should hold."""
     manifest = read_input_manifest(shards_uri, options, what, expect)
-    return [InputShard(storage.join(shards_uri, rec["name"]), rec.get("keys"), rec["samples"])
+    return [InputShard(storage.join(shards_uri, rec["name"]), rec.get("keys"), rec["samples"],
+                       sample_sha256=rec.get("sample_sha256"))
             for rec in manifest["shards"] if rec["samples"] > 0]
 
 
@@ -202,10 +207,16 @@ def plan_shard_units(shards_uris: str | list[str], options: StorageOptions = DEF
 def iter_input_shard(shard: InputShard, options: StorageOptions = DEFAULT_OPTIONS) -> Iterator[dict | Reject]:
     """The samples of one input shard, checked against its manifest: every listed key that does not arrive (shard
     missing, truncated or corrupt, sample absent) becomes a :class:`Reject` with the reason, so the counts add up
-    and the rest of the job goes on. Samples the manifest does not list are skipped (kind ``unlisted``)."""
+    and the rest of the job goes on. Samples the manifest does not list are skipped (kind ``unlisted``). Where the
+    manifest has per-sample checksums (``sample_sha256``), each sample is checked before it is yielded: one whose
+    bytes differ is a reject naming the shard and the key (:data:`CHECKSUM_MISMATCH`), never handed to a decoder."""
     import tarfile
 
     listed = None if shard.keys is None else set(shard.keys)
+    digests = (dict(zip(shard.keys, shard.sample_sha256))
+               if shard.keys is not None and shard.sample_sha256 is not None
+               and len(shard.sample_sha256) == len(shard.keys) else None)
+    name = storage.basename(shard.uri)
     seen: set[str] = set()
     problem = LACKS_LISTED_SAMPLE
     try:
@@ -217,6 +228,10 @@ def iter_input_shard(shard: InputShard, options: StorageOptions = DEFAULT_OPTION
             if key in seen:
                 continue  # a duplicated member: the first copy counts
             seen.add(key)
+            if digests is not None and shards.sample_digest(shards.sample_entries(sample)) != digests[key]:
+                yield Reject(key, f"{CHECKSUM_MISMATCH}: sample {key} in {name} differs from its manifest "
+                                  "(damaged data)", source=shard.uri)
+                continue
             yield sample
     except FileNotFoundError:
         problem = INPUT_SHARD_MISSING
@@ -230,7 +245,7 @@ def iter_input_shard(shard: InputShard, options: StorageOptions = DEFAULT_OPTION
                 yield Reject(key, problem, source=shard.uri)
     elif len(seen) < shard.samples:  # no keys to name: one reject per sample we know is missing
         for n in range(len(seen), shard.samples):
-            yield Reject(f"{storage.basename(shard.uri)}#{n}", problem, source=shard.uri)
+            yield Reject(f"{name}#{n}", problem, source=shard.uri)
 
 
 def iter_unit_shards(unit: WorkUnit, options: StorageOptions = DEFAULT_OPTIONS) -> Iterator[dict | Reject]:
@@ -264,7 +279,7 @@ def process_unit(stage: Stage, unit: WorkUnit, output_uri: str, job_fingerprint:
     if samples:
         record = shards.write_shard(storage.join(output_uri, name), samples, options)
     else:  # every input rejected: nothing to write, but the unit is finished
-        record = {"name": name, "samples": 0, "keys": [], "bytes": 0, "sha256": ""}
+        record = {"name": name, "samples": 0, "keys": [], "sample_sha256": [], "bytes": 0, "sha256": ""}
     record.update(
         index=unit.index,
         inputs=unit.num_inputs,
@@ -279,18 +294,55 @@ def process_unit(stage: Stage, unit: WorkUnit, output_uri: str, job_fingerprint:
 
 
 class _UnitWorker:
-    """Ray Data actor: sets the stage up once, then turns each incoming unit into a shard."""
+    """Ray Data actor: sets the stage up once, then turns each incoming unit into a shard.
 
-    def __init__(self, stage: Stage, output_uri: str, job_fingerprint: str, options: StorageOptions):
+    A unit that raises (a bug, an I/O error) comes back as a failed record with a one-line reason, and the actor goes
+    on with the next unit. A unit whose process dies (a crash in native code, out of memory) is retried by Ray on a
+    restarted actor; the attempt counter bounds that: past ``unit_retries`` re-runs it comes back as failed too. One
+    bad unit never takes the job down nor retries forever, and a re-run of the job retries it."""
+
+    def __init__(self, stage: Stage, output_uri: str, job_fingerprint: str, options: StorageOptions, attempts,
+                 unit_retries: int):
         self.stage, self.output_uri, self.job_fingerprint, self.options = stage, output_uri, job_fingerprint, options
+        self.attempts, self.unit_retries = attempts, unit_retries
         self.stage.setup()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
         records = []
         for payload in batch["unit"]:
             unit = pickle.loads(payload)
-            records.append(json.dumps(process_unit(self.stage, unit, self.output_uri, self.job_fingerprint, self.options)))
+            attempt = ray.get(self.attempts.begin.remote(unit.index))
+            if attempt > self.unit_retries + 1:
+                record = {"index": unit.index, "source": unit.source,
+                          "failed": f"its worker died {attempt - 1} times while processing it (a crash in native code "
+                                    "or out of memory: see the Ray worker logs)"}
+            else:
+                try:
+                    record = process_unit(self.stage, unit, self.output_uri, self.job_fingerprint, self.options)
+                except Exception as e:  # noqa: BLE001 - reported per unit on the driver; the other units go on
+                    record = {"index": unit.index, "failed": one_line_error(e), "source": unit.source}
+            records.append(json.dumps(record))
         return {"record": np.array(records, dtype=object)}
+
+
+class _AttemptCounter:
+    """A small Ray actor on the driver's side of a stage run: how often each unit has been started. It outlives the
+    worker actors, so it counts the attempts that ended in a crash."""
+
+    def __init__(self):
+        self.attempts: dict[int, int] = {}
+
+    def begin(self, index: int) -> int:
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        return self.attempts[index]
+
+
+def one_line_error(e: BaseException) -> str:
+    """``Type: first line of the message``, for logs and failure records."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------- driver side
@@ -343,9 +395,13 @@ def _execute(stage: Stage, units: list[WorkUnit], output_uri: str, fingerprint: 
 
     items = [{"index": u.index, "unit": pickle.dumps(u, protocol=4)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Whatever still escapes a unit drops that unit only: the driver records every unit without a record as failed.
+    ds.context.max_errored_blocks = -1
+    attempts = ray.remote(num_cpus=0)(_AttemptCounter).remote()
     ds = ds.map_batches(
         _UnitWorker,
-        fn_constructor_kwargs=dict(stage=stage, output_uri=output_uri, job_fingerprint=fingerprint, options=options),
+        fn_constructor_kwargs=dict(stage=stage, output_uri=output_uri, job_fingerprint=fingerprint, options=options,
+                                   attempts=attempts, unit_retries=compute.unit_retries),
         batch_size=1,
         # A fixed pool: every actor starts at once (an autoscaling pool from 1 adds the second only after a queue
         # builds up, which on a short job costs most of its start-up again).
@@ -354,6 +410,10 @@ def _execute(stage: Stage, units: list[WorkUnit], output_uri: str, fingerprint: 
     )
     for row in ds.iter_rows():
         yield json.loads(row["record"])
+
+
+class StageFailed(JobFailed):
+    """Some units of a stage failed; the others are written. ``str(e)`` is one line naming them."""
 
 
 def run_stage(
@@ -402,27 +462,42 @@ def run_stage(
         if tracking_cfg else contextlib.nullcontext()
     with run_ctx as run:
         started = time.perf_counter()
-        new_samples = 0
         records = dict(done)
-        for n, rec in enumerate(_execute(stage, pending, uri, fingerprint, compute, options) if pending else [], 1):
-            records[rec["index"]] = rec
-            new_samples += rec["samples"]
-            reject_log.add(rec["rejects"])
-            elapsed = time.perf_counter() - started
-            log.info("[%s] shard %d/%d %s: %d samples, %d rejected (%.1f samples/s)", stage.name, n, len(pending),
-                     rec["name"], rec["samples"], len(rec["rejects"]), new_samples / max(elapsed, 1e-9))
+        failed: dict[int, str] = {}
+        progress = UnitProgress(stage.name, len(pending), sum(u.num_inputs for u in pending))
+        with progress:
+            for rec in _execute(stage, pending, uri, fingerprint, compute, options) if pending else []:
+                if "failed" in rec:
+                    failed[rec["index"]] = rec["failed"]
+                    progress.failed(rec)
+                    continue
+                records[rec["index"]] = rec
+                reject_log.add(rec["rejects"])
+                progress.finished(rec)
         elapsed = time.perf_counter() - started
-        missing = [u.index for u in plan.units if u.index not in records]
-        if missing:
-            raise RuntimeError(f"[{stage.name}] units {missing[:10]} produced no record; re-run to resume")
+        for u in pending:
+            if u.index not in records and u.index not in failed:
+                failed[u.index] = "it produced no record (its task failed in Ray: see the Ray logs above)"
+                log.error("[%s] %s (%s) failed: %s", stage.name, shards.shard_name(u.index), u.source or "-",
+                          failed[u.index])
+        if failed:
+            _record_failures(uri, {u.index: u for u in plan.units}, failed, options)
+            first = min(failed)
+            raise StageFailed(
+                f"[{stage.name}] {len(failed)} of {len(plan.units)} units failed, e.g. {shards.shard_name(first)} "
+                f"({next(u.source for u in plan.units if u.index == first) or 'no source'}): {failed[first]}; the "
+                f"other shards are written; re-run the same command to retry (failures: "
+                f"{storage.join(uri, FAILED_UNITS)})")
         manifest = _seal(stage, plan, records, uri, fingerprint, job_config, options)
+        if storage.exists(storage.join(uri, FAILED_UNITS), options):  # an earlier run's failures, all redone now
+            storage.delete(storage.join(uri, FAILED_UNITS), options)
         metrics = {
             "inputs": manifest["inputs"],
             "samples": manifest["samples"],
             "rejected": manifest["rejected"],
             "shards": len(manifest["shards"]),
             "seconds": elapsed,
-            "samples_per_s": new_samples / max(elapsed, 1e-9),
+            "samples_per_s": progress.samples / max(elapsed, 1e-9),
             **{f"count.{k}": v for k, v in manifest["counts"].items()},
         }
         if run is not None:
@@ -437,6 +512,74 @@ def run_stage(
              manifest["inputs"], manifest["samples"], len(manifest["shards"]), manifest["rejected"],
              storage.join(uri, shards.REJECTS))
     return manifest
+
+
+FAILED_UNITS = "failed_units.jsonl"
+
+
+def _record_failures(uri: str, units: dict[int, WorkUnit], failed: dict[int, str], options: StorageOptions) -> None:
+    """``failed_units.jsonl`` beside the shards: which units failed and why (replaced by the next run's)."""
+    lines = [json.dumps({"index": i, "shard": shards.shard_name(i), "source": units[i].source, "reason": failed[i]})
+             for i in sorted(failed)]
+    storage.write_text(storage.join(uri, FAILED_UNITS), "\n".join(lines) + "\n", options)
+
+
+class UnitProgress:
+    """The driver's view of a running stage: one log line per finished shard (count, rate, ETA), and a tqdm bar
+    over the inputs when stderr is a terminal (log lines print above it)."""
+
+    def __init__(self, stage_name: str, units: int, inputs: int):
+        self.stage_name, self.units, self.inputs = stage_name, units, inputs
+        self.done_units = self.done_inputs = self.samples = self.rejected = 0
+        self.started = time.perf_counter()
+        self._bar = None
+        self._redirect = None
+
+    def __enter__(self) -> "UnitProgress":
+        import sys
+
+        if self.units and sys.stderr.isatty():
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+            self._bar = tqdm(total=self.inputs, desc=f"[{self.stage_name}]", unit="input", dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._redirect.__exit__(*exc)
+
+    def _advance(self, inputs: int) -> str:
+        self.done_units += 1
+        self.done_inputs += inputs
+        elapsed = time.perf_counter() - self.started
+        if self._bar is not None:
+            self._bar.set_postfix(samples=self.samples, rejected=self.rejected, refresh=False)
+            self._bar.update(inputs)
+        left = self.inputs - self.done_inputs
+        eta = left * elapsed / max(self.done_inputs, 1)
+        return f"{self.samples / max(elapsed, 1e-9):.1f} samples/s, ETA {format_seconds(eta)}"
+
+    def finished(self, rec: dict) -> None:
+        self.samples += rec["samples"]
+        self.rejected += len(rec["rejects"])
+        rate = self._advance(rec["inputs"])
+        log.info("[%s] shard %d/%d %s: %d samples, %d rejected (%s)", self.stage_name, self.done_units, self.units,
+                 rec["name"], rec["samples"], len(rec["rejects"]), rate)
+
+    def failed(self, rec: dict) -> None:
+        self._advance(0)
+        log.error("[%s] %s (%s) failed: %s", self.stage_name, shards.shard_name(rec["index"]), rec.get("source") or "-",
+                  rec["failed"])
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 CONTACT_SHEET_SAMPLES = 8
@@ -503,7 +646,8 @@ def _seal(stage: Stage, plan: Plan, records: dict[int, dict], uri: str, fingerpr
         "rejected_by_kind": by_kind,
         "counts": counts,
         "schema": stage.schema.name if stage.schema is not None else None,
-        "shards": [{"keys": rec.get("keys", []), **{k: rec[k] for k in ("name", "samples", "bytes", "sha256")}}
+        "shards": [{"keys": rec.get("keys", []), **{k: rec[k] for k in ("sample_sha256",) if k in rec},
+                    **{k: rec[k] for k in ("name", "samples", "bytes", "sha256")}}
                    for rec in ordered],
         "config": config_lib.redacted(config_lib.to_dict(job_config)) if job_config is not None else None,
     }

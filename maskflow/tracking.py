@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from maskflow import config as config_lib
 from maskflow import storage
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ EVAL_TAG_PREFIX = "eval."
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str = "sqlite:///runs/mlflow.db"  # relative sqlite paths resolve against the working directory
+    tracking_uri: Uri = "sqlite:///runs/mlflow.db"  # a relative sqlite path resolves as every Uri (config.py)
     experiment: str = "maskflow"
-    artifact_location: str | None = None  # for new experiments; None: runs/mlartifacts beside a sqlite db
+    artifact_location: Uri | None = None  # for new experiments; None: runs/mlartifacts beside a sqlite db
 
     def validate(self) -> None:
         require(bool(self.tracking_uri), "tracking_uri", "must not be empty")
@@ -120,6 +120,17 @@ def model_version_for_alias(name: str, alias: str):
         return client().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def latest_version(name: str) -> str | None:
+    """The highest version number of a registered model, or None (no such model, or no versions)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in versions)) if versions else None
 
 
 def record_evaluation(name: str, version: str, metrics: dict[str, float], run_id: str | None = None) -> None:

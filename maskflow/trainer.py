@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from maskflow import shards, storage, tracking
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.runtime import Common, init_ray
 from maskflow.storage import StorageOptions
 
@@ -45,7 +45,7 @@ CHAOS_MARKER_ENV = "MASKFLOW_CHAOS_MARKER"
 
 @dataclass
 class DataConfig:
-    train: str = ""  # a stage output (directory with manifest.json) of training samples
+    train: Uri = ""  # a stage output (directory with manifest.json) of training samples
     shuffle_buffer: int = 64  # rows in each worker's local shuffle buffer (0: off)
 
     def validate(self) -> None:
@@ -97,7 +97,7 @@ class ScalingConfig:
 
 @dataclass
 class RunConfig:
-    storage_path: str = "runs/train"  # checkpoints (local path or s3://)
+    storage_path: Uri = "runs/train"  # checkpoints (local path or s3://)
     name: str | None = None  # None: <model>-<timestamp>; re-using a name resumes that run
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2

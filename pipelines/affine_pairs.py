@@ -7,11 +7,17 @@
 import _bootstrap  # noqa: F401  (repository on sys.path)
 
 from maskflow import config, stage
-from maskflow.stages.affine_pairs import AffinePairsConfig, AffinePairsStage
+from maskflow.stages.affine_pairs_config import AffinePairsConfig
+
+
+def make_stage(cfg: AffinePairsConfig, options) -> stage.Stage:
+    from maskflow.stages.affine_pairs import AffinePairsStage  # torch loads only once the config has parsed
+
+    return AffinePairsStage(cfg, options)
 
 
 def main(argv=None) -> dict:
-    return stage.stage_main(AffinePairsConfig, AffinePairsStage, argv, __doc__)
+    return stage.stage_main(AffinePairsConfig, make_stage, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from maskflow import config, runtime, storage
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.data import convert
 from maskflow.data.coco import write_coco_json
 
@@ -23,8 +23,8 @@ from maskflow.data.coco import write_coco_json
 @dataclass
 class ConvertConfig(runtime.Common):
     format: Literal["penn_fudan", "yolo_seg", "voc", "davis"] = "penn_fudan"
-    root: str = ""  # the data set's root folder (local or s3://)
-    output: str = ""  # where the COCO json goes
+    root: Uri = ""  # the data set's root folder (local or s3://)
+    output: Uri = ""  # where the COCO json goes
     split: str = "train2017"  # yolo_seg: images/<split> and labels/<split>
 
     def validate(self) -> None:

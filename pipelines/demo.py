@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 from maskflow import config, runtime, shards, stage, storage, tracking, trainer
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.data.synthetic import generate_coco_dataset
 from maskflow.eval_proposals import EvaluateProposalsConfig, evaluate_job, format_table
-from maskflow.models.maskrcnn import MaskRCNNConfig
+from maskflow.models.maskrcnn_config import MaskRCNNConfig
 from maskflow.stage import ComputeConfig
 from maskflow.stages.ingest import IngestConfig, IngestStage
 from maskflow.stages.proposals import ProposalsConfig, ProposalSettings, ProposalsStage
@@ -42,7 +42,7 @@ class SyntheticConfig:
 
 @dataclass
 class DemoConfig(runtime.Common):
-    workdir: str = "runs/demo"  # every artefact (data, shards, checkpoints) under this URI
+    workdir: Uri = "runs/demo"  # every artefact (data, shards, checkpoints) under this URI
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     samples_per_shard: int = 50
     compute: ComputeConfig = field(default_factory=lambda: ComputeConfig(workers=1, cpus_per_worker=2))  # proposals

@@ -7,11 +7,17 @@
 import _bootstrap  # noqa: F401  (repository on sys.path)
 
 from maskflow import config, stage
-from maskflow.stages.ffd_crops import FFDCropsConfig, FFDCropsStage
+from maskflow.stages.ffd_crops_config import FFDCropsConfig
+
+
+def make_stage(cfg: FFDCropsConfig, options) -> stage.Stage:
+    from maskflow.stages.ffd_crops import FFDCropsStage  # torch loads only once the config has parsed
+
+    return FFDCropsStage(cfg, options)
 
 
 def main(argv=None) -> dict:
-    return stage.stage_main(FFDCropsConfig, FFDCropsStage, argv, __doc__)
+    return stage.stage_main(FFDCropsConfig, make_stage, argv, __doc__)
 
 
 if __name__ == "__main__":

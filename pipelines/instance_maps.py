@@ -7,11 +7,17 @@
 import _bootstrap  # noqa: F401  (repository on sys.path)
 
 from maskflow import config, stage
-from maskflow.stages.instance_maps import InstanceMapsConfig, InstanceMapsStage
+from maskflow.stages.instance_maps_config import InstanceMapsConfig
+
+
+def make_stage(cfg: InstanceMapsConfig, options) -> stage.Stage:
+    from maskflow.stages.instance_maps import InstanceMapsStage  # torch loads only once the config has parsed
+
+    return InstanceMapsStage(cfg, options)
 
 
 def main(argv=None) -> dict:
-    return stage.stage_main(InstanceMapsConfig, InstanceMapsStage, argv, __doc__)
+    return stage.stage_main(InstanceMapsConfig, make_stage, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Mask proposals for every image of a dataset, into WebDataset shards.
 
     python pipelines/proposals.py --config conf/proposals/demo.yaml [key=value ...]
-    ray job submit --working-dir . -- python pipelines/proposals.py --config conf/proposals/coco_r50.yaml \
-        model.uri=models:/maskflow-maskrcnn@champion input.shards=s3://bucket/shards/val output.uri=s3://bucket/props/val
+    ray job submit --working-dir . -- python pipelines/proposals.py --config conf/proposals/dmm_top50.yaml \
+        model.uri=models:/maskflow-maskrcnn-r50@champion input.shards=s3://bucket/shards/val \
+        output.uri=s3://bucket/props/val
 
 Locally it starts an embedded Ray; under ``ray job submit`` it joins the cluster. See maskflow.stages.proposals.
 """

@@ -4,6 +4,9 @@ real data sets in ../shared/data."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +24,12 @@ for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Ray's start-up waits, made realistic for a loaded 2-core machine (read when ray.init runs; scripts the tests start
+# inherit them): the GCS port file and the driver's first GCS connection (default 30 s), the wait for the raylet to
+# start and register with the GCS (default 10 s). The Python-side wait for the node to register is a fixed 30 s in
+# Ray 2.60, hence ray_local's second try.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
 def require_shared_data(path: Path = SHARED_DATA) -> Path:
@@ -67,15 +76,60 @@ def s3_bucket(s3_options) -> str:
     return name
 
 
+RAY_START_TRIES = 2
+# Set when the session's local Ray failed to start: "first" is the test that reported why.
+_ray_start_failure: dict[str, str] = {}
+_current_test: dict[str, str] = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """After local Ray failed to start once, every other test that needs it fails in one line pointing at the test
+    that reported the failure (pytest would otherwise re-raise the session fixture's error in each of them)."""
+    _current_test["nodeid"] = item.nodeid
+    if _ray_start_failure and "ray_local" in item.fixturenames:
+        pytest.fail(f"local Ray did not start (see the first failure, {_ray_start_failure['first']})", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session (2 CPUs, as on CI)."""
+    """One local Ray for the session (2 CPUs, as on CI), in a temp dir of its own under /tmp (short: Ray's socket
+    paths must stay under 108 characters) so it never meets another Ray on the machine; no dashboard. Start-up gets
+    the waits set above and a second try; if both fail, the first test that needs Ray fails with one line and the
+    others point at it."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    from maskflow.runtime import quiet_ray_data, start_embedded_ray
+
+    quiet_ray_data()
+    if ray.is_initialized():  # a test started one through maskflow.runtime.init_ray: use it
+        yield ray
+        ray.shutdown()
+        return
+    temp_dir = tempfile.mkdtemp(prefix="mf-ray-", dir="/tmp")
+    errors: list[str] = []
+    started = time.monotonic()
+    for _ in range(RAY_START_TRIES):
+        try:
+            # the project's embedded-Ray set-up: a GCS port of its own on loopback, RAY_ADDRESS for every worker
+            start_embedded_ray(2, log_to_driver=False, _temp_dir=temp_dir)
+            break
+        except Exception as exc:  # noqa: BLE001 - any start-up error is reported the same way
+            lines = str(exc).strip().splitlines()
+            errors.append(f"{type(exc).__name__}: {lines[0] if lines else ''}")
+            ray.shutdown()
+    else:
+        _ray_start_failure["first"] = _current_test.get("nodeid", "?")
+        logs = f"; Ray's logs: {temp_dir}/session_latest/logs" if os.listdir(temp_dir) else ""
+        if not logs:
+            os.rmdir(temp_dir)
+        pytest.fail(f"local Ray did not start: {RAY_START_TRIES} tries in {time.monotonic() - started:.0f} s "
+                    f"({'; '.join(dict.fromkeys(errors))}){logs}", pytrace=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

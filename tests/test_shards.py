@@ -77,7 +77,12 @@ def test_verify_catches_a_changed_shard(tmp_path):
     manifest = stage.run_stage(Tiny(), stage.OutputConfig(out, 2), stage.ComputeConfig(), None, None)
     assert manifest["samples"] == 4 and shards.verify(out) == []
     (tmp_path / "out" / "shard-000001.tar").write_bytes(shards.tar_bytes(samples(1))[0])
-    assert shards.verify(out) == ["shard-000001.tar: checksum mismatch"]
+    assert shards.verify(out) == ["shard-000001.tar: checksum mismatch (damaged or missing samples: 000001, 000002)"]
+    # One byte changed inside one sample's member (same length: the tar still reads): that sample is named.
+    data = bytearray(shards.tar_bytes(samples(3)[1:3])[0])
+    data[data.index(b"000002.json") + 512] ^= 0x01  # the first data byte of 000002.json
+    (tmp_path / "out" / "shard-000001.tar").write_bytes(bytes(data))
+    assert shards.verify(out) == ["shard-000001.tar: checksum mismatch (damaged or missing samples: 000002)"]
 
 
 def test_input_shard_checked_against_its_manifest_keys(tmp_path):
@@ -107,3 +112,63 @@ def test_input_shard_checked_against_its_manifest_keys(tmp_path):
         good, rejects = seen(record["keys"], at=str(tmp_path / "cut.tar"))
         assert good == record["keys"][:3] and [r[0] for r in rejects] == ["000003"]
         assert rejects[0][2].startswith("input shard unreadable after 3 samples: ReadError: truncated tar")
+
+
+def rewrite_shard(output_uri: str, index: int, new_samples: list[dict], options=None) -> dict:
+    """Rewrite shard ``index`` of a finished stage output as its *writer* might have written it (for tests of the
+    checks made after the checksums): the manifest keeps the keys it lists, and each sample still in the shard gets
+    its new per-sample checksum, so a dropped sample is missing and an edited one is intact but wrong. (A bad *copy*
+    of a sample, by contrast, is a checksum mismatch.) Returns the shard's new record."""
+    import json
+
+    from maskflow import storage
+
+    options = options or storage.DEFAULT_OPTIONS
+    manifest = shards.read_manifest(output_uri, options)
+    entry = manifest["shards"][index]
+    record = shards.write_shard(storage.join(output_uri, entry["name"]), new_samples, options)
+    new = dict(zip(record["keys"], record["sample_sha256"]))
+    entry["sample_sha256"] = [new.get(k, d) for k, d in zip(entry["keys"], entry["sample_sha256"])]
+    storage.write_text(storage.join(output_uri, shards.MANIFEST), json.dumps(manifest, indent=1), options)
+    return record
+
+
+def test_sample_digests_written_and_checked(tmp_path):
+    """Each sample's checksum (one function for writer and reader): a sample whose bytes changed in place is
+    rejected naming the shard and the key and is never yielded; the others arrive; a manifest without checksums
+    (older maskflow) still reads."""
+    from maskflow import stage
+
+    uri = str(tmp_path / "shard-000000.tar")
+    record = shards.write_shard(uri, samples(4))
+    assert len(record["sample_sha256"]) == len(record["keys"]) == 4
+    # The digest is over the members as written: name, NUL, 8-byte big-endian length, data.
+    import hashlib
+
+    s0 = samples(1)[0]
+    h = hashlib.sha256()
+    for name, data in (("000000.image", s0["image"]), ("000000.json", shards.encode_entry(s0["json"]))):
+        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+    assert record["sample_sha256"][0] == h.hexdigest()
+    # Read back, every sample's digest agrees with the record's.
+    got = list(shards.iter_shard(uri))
+    assert [shards.sample_digest(shards.sample_entries(g)) for g in got] == record["sample_sha256"]
+
+    data = bytearray((tmp_path / "shard-000000.tar").read_bytes())
+    data[data.index(b"000001.image") + 512 + 50] ^= 0x10  # a bit inside 000001's image, in place
+    data[data.index(b"000003.json") + 512] ^= 0x01  # and inside 000003's json
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+
+    def read(sums):
+        shard = stage.InputShard(str(tmp_path / "bad.tar"), record["keys"], 4, sample_sha256=sums)
+        out = list(stage.iter_input_shard(shard))
+        return [s["__key__"] for s in out if isinstance(s, dict)], [r for r in out if isinstance(r, stage.Reject)]
+
+    good, rejects = read(record["sample_sha256"])
+    assert good == ["000000", "000002"]
+    assert [(r.key, r.kind) for r in rejects] == [("000001", "sample"), ("000003", "sample")]
+    for r in rejects:
+        assert r.reason.startswith(stage.CHECKSUM_MISMATCH) and f"sample {r.key} in bad.tar" in r.reason
+        assert r.source.endswith("bad.tar")
+    good, rejects = read(None)  # an older manifest: no per-sample checksums, everything that reads arrives
+    assert good == record["keys"] and rejects == []

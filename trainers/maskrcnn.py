@@ -13,16 +13,18 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
-
 from maskflow import config, trainer
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
-from maskflow.models.maskrcnn import MaskRCNNConfig, build_maskrcnn, image_to_tensor, targets_from_meta
+from maskflow.models.maskrcnn_config import MaskRCNNConfig
+
+if TYPE_CHECKING:  # torch loads in the workers, and on the driver only once the config has parsed
+    import torch
 
 DEFAULT_MODEL_NAME = "maskflow-maskrcnn"
 
@@ -53,9 +55,13 @@ class MaskRCNNPlugin(trainer.ModelPlugin):
         self._rng: random.Random | None = None
 
     def build_model(self):
+        from maskflow.models.maskrcnn import build_maskrcnn
+
         return build_maskrcnn(self.cfg.model)
 
     def collate(self, batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
+        from maskflow.models.maskrcnn import image_to_tensor, targets_from_meta
+
         if self._rng is None:  # one deterministic stream per worker process
             self._rng = random.Random(self.cfg.loop.seed)
         images, targets = [], []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any
 
 import numpy as np
@@ -234,20 +235,104 @@ def clean_annotation(ann: dict, height: int, width: int) -> tuple[Annotation | N
 # --------------------------------------------------------------------------------------------- images
 
 
+CORRUPT_IMAGE = "corrupt image"
+# What decode_image says about an image it cannot use, in our words (never a library's message, file or address).
+NOT_AN_IMAGE = f"{CORRUPT_IMAGE}: not a PNG, JPEG, WebP or GIF file"
+TRUNCATED_IMAGE = f"{CORRUPT_IMAGE}: truncated data"
+DAMAGED_HEADER = f"{CORRUPT_IMAGE}: damaged header"
+DAMAGED_PIXELS = f"{CORRUPT_IMAGE}: damaged pixel data"
+EMPTY_IMAGE = f"{CORRUPT_IMAGE}: empty file"
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what decode_image opens (PIL format names)
+_SAFE_DETAIL = re.compile(r"[A-Za-z0-9 ,;:'()=+\-]{1,60}")
+
+
+def _detail(e: BaseException) -> str:
+    """`` (short library detail)`` when its first line is plain words (no path, address, source file); else ''."""
+    text = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
+    return f" ({text})" if _SAFE_DETAIL.fullmatch(text) else ""
+
+
+def _image_problem(e: BaseException, stage: str) -> str:
+    """Our reason for an exception PIL raised while opening (``stage="header"``) or decoding (``"pixels"``)."""
+    from PIL import Image
+
+    text = str(e).lower()
+    if isinstance(e, Image.UnidentifiedImageError):
+        return NOT_AN_IMAGE
+    if isinstance(e, (Image.DecompressionBombError, MemoryError)):
+        return f"{CORRUPT_IMAGE}: too large to decode"
+    if isinstance(e, EOFError) or "truncated" in text:
+        return TRUNCATED_IMAGE
+    return (DAMAGED_HEADER if stage == "header" else DAMAGED_PIXELS) + _detail(e)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_problem(data: bytes) -> str | None:
+    """Why a PNG's chunks do not add up (None: they do). Every chunk's CRC-32 is checked (PIL checks only those
+    before the pixel data), so a flipped bit anywhere in the file is a reject rather than damaged pixels."""
+    import zlib
+
+    view, p, n = memoryview(data), len(PNG_MAGIC), len(data)
+    while True:
+        if p + 12 > n:
+            return TRUNCATED_IMAGE
+        length = int.from_bytes(view[p:p + 4], "big")
+        kind = bytes(view[p + 4:p + 8])
+        if not kind.isalpha() or length > 2**31 - 1:
+            return f"{DAMAGED_HEADER} (bad PNG chunk)"
+        end = p + 12 + length
+        if end > n:
+            return TRUNCATED_IMAGE
+        if zlib.crc32(view[p + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+            return f"{DAMAGED_PIXELS if kind == b'IDAT' else DAMAGED_HEADER} (PNG checksum mismatch)"
+        if kind == b"IEND":
+            return None
+        p = end
+
+
 def decode_image(data: bytes):
-    """Encoded JPEG/PNG bytes to a uint8 CHW RGB tensor; ``ValueError("corrupt image: ...")`` on any failure."""
+    """Encoded PNG/JPEG (or WebP/GIF) bytes to a uint8 CHW RGB tensor; ``ValueError("corrupt image: ...")`` on any
+    failure, with a short reason in our words.
+
+    Decoded with PIL, which raises on damaged data (torchvision's libpng path can crash the whole process on a PNG
+    whose header is fine but whose pixel data is damaged). Truncated data is an error (PIL's
+    ``LOAD_TRUNCATED_IMAGES`` stays off), as is an image over PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) and a PNG any of whose chunk checksums fails. 16-bit grey PNGs are scaled to 8 bits.
+    """
+    import io
+
     import torch
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
+    from PIL import Image
 
     if not data:
-        raise ValueError("corrupt image: empty bytes")
+        raise ValueError(EMPTY_IMAGE)
+    data = bytes(data)
+    problem = _png_problem(data) if data.startswith(PNG_MAGIC) else None
+    if problem:
+        raise ValueError(problem)
     try:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        img = tv_decode(buf, mode=ImageReadMode.RGB)
-    except Exception as e:  # torchvision raises RuntimeError for bad data, others for odd inputs
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"corrupt image: {msg}") from None
-    if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3 or img.shape[1] == 0 or img.shape[2] == 0:
-        raise ValueError(f"corrupt image: decoded to {tuple(img.shape)} {img.dtype}")
-    return img
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Exception as e:  # noqa: BLE001 - any failure to parse the header is a reject, never a crash
+        raise ValueError(_image_problem(e, "header")) from None
+    try:
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ValueError(f"{CORRUPT_IMAGE}: empty image ({width}x{height} pixels)")
+        if width * height > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"{CORRUPT_IMAGE}: too large to decode ({width}x{height} pixels)")
+        try:
+            img.load()  # decodes everything now: damage raises here, not later in a worker
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                grey = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                rgb = np.repeat(grey[None], 3, axis=0)
+            else:
+                rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB")).transpose(2, 0, 1)
+        except Exception as e:  # noqa: BLE001 - damaged pixel data is a reject, never a crash
+            raise ValueError(_image_problem(e, "pixels")) from None
+    finally:
+        img.close()
+    if rgb.dtype != np.uint8 or rgb.shape != (3, height, width):
+        raise ValueError(f"{CORRUPT_IMAGE}: decoded to {tuple(rgb.shape)} {rgb.dtype}")
+    return torch.from_numpy(np.array(rgb, order="C"))  # a fresh, writable CHW copy

@@ -1,11 +1,3 @@
-"""Models: the class-agnostic Mask R-CNN proposal generator (:mod:`maskflow.models.maskrcnn`)."""
-
-from maskflow.models.maskrcnn import (
-    MaskRCNNConfig,
-    build_maskrcnn,
-    image_to_tensor,
-    proposals_from_output,
-    targets_from_meta,
-)
-
-__all__ = ["MaskRCNNConfig", "build_maskrcnn", "image_to_tensor", "proposals_from_output", "targets_from_meta"]
+"""Models: the class-agnostic Mask R-CNN proposal generator (:mod:`maskflow.models.maskrcnn`, its config in
+:mod:`maskflow.models.maskrcnn_config`). Import the submodules; this package imports nothing, so a config module
+stays free of torch."""

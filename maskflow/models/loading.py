@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import io
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from maskflow import storage
 from maskflow.config import ConfigError
-from maskflow.models.maskrcnn import MaskRCNNConfig, build_maskrcnn
-from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+from maskflow.models.maskrcnn_config import MaskRCNNConfig
+from maskflow.storage import DEFAULT_OPTIONS, StorageError, StorageOptions
+
+if TYPE_CHECKING:  # torch loads only where a model is built (workers), not when a driver checks its config
+    import torch
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+REGISTRY_SCHEMES = ("models:/", "runs:/")
 
 
 def check_model_uri(uri: str | None, key: str = "model.uri") -> str:
@@ -34,23 +37,78 @@ def check_model_uri(uri: str | None, key: str = "model.uri") -> str:
     return uri
 
 
-def resolve_model_uri(uri: str) -> str:
-    """``models:/name@alias`` → ``models:/name/<version>`` (the version the alias points to now), so a job's output
-    names exactly the weights it used and a later alias move is a different job. Other URIs are returned as they are."""
-    if uri.startswith("models:/") and "@" in uri:
-        from maskflow import tracking
+def resolve_model_uri(uri: str, key: str = "model.uri", options: StorageOptions = DEFAULT_OPTIONS) -> str:
+    """Check on the driver, before Ray starts, that the weights ``uri`` names exist, and pin it: ``models:/name@alias``
+    becomes ``models:/name/<version>`` (the version the alias points to now), so a job's output names exactly the
+    weights it used and a later alias move is a different job. Each problem is one :class:`ConfigError` naming ``key``:
 
-        name, alias = uri[len("models:/"):].split("@", 1)
-        version = tracking.model_version_for_alias(name, alias)
-        if version is None:
-            raise ConfigError(f"model.uri: registered model {name!r} has no version with alias {alias!r}")
-        return f"models:/{name}/{version.version}"
+    * ``models:/name@alias`` — the alias exists; ``models:/name/N`` — version N exists; ``runs:/id/path`` — the run
+      exists and holds a model at ``path`` (its ``MLmodel`` file is read, nothing else);
+    * ``torchvision:<Enum.MEMBER>`` — the weights enum exists (nothing is downloaded here);
+    * a checkpoint file or directory (local or ``s3://``) — it exists and can be read.
+
+    The tracking URI must already be set (``mlflow.set_tracking_uri``) for registry URIs."""
+    check_model_uri(uri, key)
+    if uri.startswith(REGISTRY_SCHEMES):
+        return _resolve_registry_uri(uri, key)
+    if uri.startswith("torchvision:"):
+        from maskflow.models.maskrcnn_config import resolve_weights
+
+        name = uri[len("torchvision:"):]
+        if "." not in name:
+            raise ConfigError(f"{key}: torchvision weights are named <Enum>.<MEMBER>, e.g. "
+                              f"torchvision:MaskRCNN_ResNet50_FPN_Weights.COCO_V1; got {name!r}")
+        resolve_weights(name, None, key)
+        return uri
+    target = uri if uri.endswith((".pt", ".pth")) else storage.join(uri, CHECKPOINT_FILE)
+    try:
+        storage.check_uri(target, for_write=False, options=options, what=key)
+    except StorageError as e:
+        raise ConfigError(f"{e} (a checkpoint: a .pt file or a directory holding {CHECKPOINT_FILE})") from None
+    return uri
+
+
+def _resolve_registry_uri(uri: str, key: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    from maskflow import tracking
+
+    if uri.startswith("models:/"):
+        ref = uri[len("models:/"):]
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = tracking.model_version_for_alias(name, alias)
+            if version is None:
+                raise ConfigError(f"{key}: registered model {name!r} has no version with alias {alias!r}")
+            return f"models:/{name}/{version.version}"
+        name, _, version = ref.partition("/")
+        if not name or not version.isdigit():
+            raise ConfigError(f"{key}: {uri!r} names no version: use models:/<name>/<version> or models:/<name>@<alias>")
+        try:
+            tracking.client().get_model_version(name, version)
+        except MlflowException:
+            raise ConfigError(f"{key}: registered model {name!r} has no version {version} "
+                              f"(latest: {tracking.latest_version(name) or 'none'})") from None
+        return uri
+    run_id, _, path = uri[len("runs:/"):].partition("/")
+    try:
+        tracking.client().get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"{key}: no MLflow run {run_id!r} in the tracking store (check tracking.tracking_uri)") from None
+    from mlflow.models import get_model_info
+
+    try:
+        get_model_info(uri)
+    except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing model; all mean the same here
+        raise ConfigError(f"{key}: run {run_id} holds no logged model at {path or '<empty path>'!r}") from None
     return uri
 
 
 def load_state_dict(uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> dict:
     if not uri.endswith((".pt", ".pth")):
         uri = storage.join(uri, CHECKPOINT_FILE)
+    import torch
+
     state = torch.load(io.BytesIO(storage.read_bytes(uri, options)), map_location="cpu", weights_only=True)
     return state["model"] if isinstance(state, dict) and "model" in state else state
 
@@ -58,6 +116,10 @@ def load_state_dict(uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> dict
 def load_maskrcnn(uri: str, arch: MaskRCNNConfig, options: StorageOptions = DEFAULT_OPTIONS,
                   device: str | torch.device = "cpu") -> torch.nn.Module:
     """The proposal model named by ``uri``, in eval mode on ``device``."""
+    import torch
+
+    from maskflow.models.maskrcnn import build_maskrcnn
+
     check_model_uri(uri)
     if uri.startswith(("models:/", "runs:/")):
         import mlflow.pytorch

@@ -51,7 +51,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from maskflow import storage
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.data import schema
 from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, batched
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
@@ -72,7 +72,7 @@ IMPORTED_ONLY = ("split", "index")
 @dataclass
 class DigitsInputConfig:
     source: Literal["generate", "import_npz"] = "generate"
-    uri: str = ""  # generate: MNIST CSV (784 pixels then the label; .gz ok); import_npz: cluttered-MNIST .npz
+    uri: Uri = ""  # generate: MNIST CSV (784 pixels then the label; .gz ok); import_npz: cluttered-MNIST .npz
     name: str = "mnist"  # dataset name recorded in each sample's `source`
 
     def validate(self) -> None:

@@ -40,17 +40,17 @@ proposals' stage output in ``input.proposals``, so two generators' crops of one 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from maskflow.config import require
 from maskflow.data import schema
 from maskflow.data.validate import rle_to_bytes
-from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
+from maskflow.stage import Count, Plan, Reject, Stage, WorkUnit, plan_shard_units
+from maskflow.stages.ffd_crops_config import (  # noqa: F401  (re-exported)
+    CropSettings, FFDCropsConfig, FFDCropsInputConfig)
 from maskflow.stages.inputs import read_proposals, unit_image_samples
 from ops.masks import decode_masks, mask_iou
 
@@ -67,34 +67,6 @@ SCHEMA = schema.SampleSchema("ffd_crop/1", (
 EMPTY_PROPOSAL = "empty proposal mask"
 DEGENERATE_BOX = "degenerate proposal box"
 MASK_CHUNK = 32  # proposal masks decoded at full resolution at a time (bounds memory on large images)
-
-
-@dataclass
-class FFDCropsInputConfig:
-    proposals: list[str] = field(default_factory=list)  # proposal-stage outputs (any generator), read in order
-
-    def validate(self) -> None:
-        require(bool(self.proposals), "proposals", "required: one or more proposal-stage outputs (input.proposals)")
-
-
-@dataclass
-class CropSettings:
-    min_iou: float = 0.5  # keep proposals whose best ground-truth IoU is greater than this
-    enlarge: float = 1.6  # crop box = tight box scaled by this in height and width
-    size: int = 128  # output side in pixels
-    mask_threshold: float = 0.5  # resampled {0, 1} masks are binarised at this
-
-    def validate(self) -> None:
-        require(0 <= self.min_iou < 1, "min_iou", "must be in [0, 1)")
-        require(self.enlarge >= 1, "enlarge", "must be >= 1")
-        require(8 <= self.size <= 1024, "size", "must be in [8, 1024]")
-        require(0 < self.mask_threshold < 1, "mask_threshold", "must be in (0, 1)")
-
-
-@dataclass
-class FFDCropsConfig(StageJobConfig):
-    input: FFDCropsInputConfig = field(default_factory=FFDCropsInputConfig)
-    crops: CropSettings = field(default_factory=CropSettings)
 
 
 # --------------------------------------------------------------------------------------------- geometry

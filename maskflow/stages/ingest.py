@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from maskflow import storage
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.data import schema
 from maskflow.data.coco import image_records, load_coco_json
 from maskflow.data.validate import clean_annotation, decode_image
@@ -21,8 +21,8 @@ from maskflow.storage import StorageOptions
 
 @dataclass
 class CocoInputConfig:
-    annotations: str = ""  # COCO instances json (local path or s3://)
-    images: str = ""  # directory the json's file_name entries are relative to
+    annotations: Uri = ""  # COCO instances json (local path or s3://)
+    images: Uri = ""  # directory the json's file_name entries are relative to
     name: str = "coco"  # dataset name recorded in each sample's `source`
 
     def validate(self) -> None:

@@ -8,14 +8,15 @@ reason, and the job goes on.
 
 from __future__ import annotations
 
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
 from maskflow.stage import LACKS_IMAGE_OR_META, Reject, WorkUnit, iter_unit_shards
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
+
+if TYPE_CHECKING:
+    import torch
 
 
 def mask_size_problem(meta: dict, height: int, width: int) -> str | None:

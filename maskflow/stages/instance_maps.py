@@ -37,17 +37,17 @@ does not decode or whose size differs from its meta, a mask whose size differs f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from maskflow.config import require
 from maskflow.data import schema
-from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, plan_shard_units
+from maskflow.stage import Count, Plan, Reject, Stage, WorkUnit, plan_shard_units
+from maskflow.stages.instance_maps_config import (  # noqa: F401  (re-exported)
+    InstanceMapsConfig, InstanceMapsInputConfig, ResizeConfig)
 from maskflow.stages.inputs import unit_image_samples
 from ops.masks import decode_masks
 
@@ -63,31 +63,6 @@ SCHEMA = schema.SampleSchema("instance_map/1", (
     schema.Field(SEMANTIC, "png", "uint16 category ids, 0 background, 65535 crowd"),
     schema.Field(META, "json", "ids, sizes, scale, instances (label -> annotation, category, area, bbox)"),
 ))
-
-
-@dataclass
-class InstanceMapsInputConfig:
-    shards: str = ""  # a stage output of image samples
-
-    def validate(self) -> None:
-        require(bool(self.shards), "shards", "required: a stage output of image samples (input.shards)")
-
-
-@dataclass
-class ResizeConfig:
-    mode: Literal["square", "min_edge", "none"] = "min_edge"
-    size: int = 512  # square side, or the shorter side for min_edge
-    max_size: int | None = None  # min_edge only: cap on the longer side
-
-    def validate(self) -> None:
-        require(self.size >= 8, "size", "must be at least 8 px")
-        require(self.max_size is None or self.max_size >= self.size, "max_size", "must be >= size")
-
-
-@dataclass
-class InstanceMapsConfig(StageJobConfig):
-    input: InstanceMapsInputConfig = field(default_factory=InstanceMapsInputConfig)
-    resize: ResizeConfig = field(default_factory=ResizeConfig)
 
 
 def target_size(height: int, width: int, cfg: ResizeConfig) -> tuple[int, int]:

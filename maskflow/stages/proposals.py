@@ -10,28 +10,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from maskflow import storage
-from maskflow.config import require
+from maskflow.config import Uri, require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
-from maskflow.models.loading import check_model_uri, configure_for_proposals, load_maskrcnn, resolve_model_uri
-from maskflow.models.maskrcnn import MaskRCNNConfig, image_to_tensor, proposals_from_output
+from maskflow.models.loading import check_model_uri, resolve_model_uri
+from maskflow.models.maskrcnn_config import MaskRCNNConfig
 from maskflow.stage import Plan, Reject, Stage, StageJobConfig, WorkUnit, batched, plan_shard_units
 from maskflow.stages.ingest import CocoInputConfig, image_sample, image_sample_sheet, plan_coco_units
-from maskflow.stages.inputs import unit_raw_image_samples
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
 from ops.masks import mask_iou
+
+if TYPE_CHECKING:  # torch and the model load in the actors (setup), not when the driver parses the config
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ProposalsInputConfig:
-    shards: str | None = None  # a stage output of image samples (directory with manifest.json)
+    shards: Uri | None = None  # a stage output of image samples (directory with manifest.json)
     coco: CocoInputConfig | None = None  # or a COCO dataset (annotations json + images directory)
 
     def validate(self) -> None:
@@ -41,7 +41,7 @@ class ProposalsInputConfig:
 
 @dataclass
 class ProposalModelConfig:
-    uri: str = ""  # models:/name@alias | runs:/.. | .pt checkpoint (local/s3) | checkpoint dir | torchvision:<Weights>
+    uri: Uri = ""  # models:/name@alias | runs:/.. | .pt checkpoint (local/s3) | checkpoint dir | torchvision:<Weights>
     arch: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)  # for checkpoints (registry models carry their own)
 
 
@@ -84,7 +84,7 @@ class ProposalsStage(Stage):
             import mlflow
 
             mlflow.set_tracking_uri(self.tracking_uri)
-        self.model_uri = resolve_model_uri(self.cfg.model.uri)
+        self.model_uri = resolve_model_uri(self.cfg.model.uri, "model.uri", self.options)
         inp = self.cfg.input
         if inp.coco is not None:
             return plan_coco_units(inp.coco, self.cfg.output.samples_per_shard, self.options)
@@ -99,6 +99,10 @@ class ProposalsStage(Stage):
 
     # -- worker
     def setup(self) -> None:
+        import torch
+
+        from maskflow.models.loading import configure_for_proposals, load_maskrcnn
+
         if self.tracking_uri:
             import mlflow
 
@@ -117,6 +121,8 @@ class ProposalsStage(Stage):
                     if isinstance(item, (dict, Reject)):
                         yield item
             return
+        from maskflow.stages.inputs import unit_raw_image_samples
+
         for sample in unit_raw_image_samples(unit, self.options):
             if isinstance(sample, Reject):
                 yield sample
@@ -124,6 +130,8 @@ class ProposalsStage(Stage):
                 yield {**sample, schema.META: schema.loads(sample[schema.META])}
 
     def process(self, unit: WorkUnit) -> Iterator[dict | Reject]:
+        import torch
+
         if self.device.type == "cpu":
             # OpenMP's thread count is per calling thread, and Ray Data calls actors from a thread of its own:
             # set it here, where inference runs, to the CPUs this actor reserved.
@@ -137,6 +145,8 @@ class ProposalsStage(Stage):
                 yield from self.infer([s for s, _ in good], [t for _, t in good])
 
     def _decoded(self, unit: WorkUnit) -> Iterator[tuple[dict, torch.Tensor] | Reject]:
+        from maskflow.models.maskrcnn import image_to_tensor
+
         for sample in self._input_samples(unit):
             if isinstance(sample, Reject):
                 yield sample
@@ -146,8 +156,17 @@ class ProposalsStage(Stage):
             except ValueError as e:
                 yield Reject(sample["__key__"], str(e), source=unit.source)
 
-    @torch.inference_mode()
     def infer(self, samples: list[dict], images: list[torch.Tensor]) -> list[dict]:
+        import torch
+
+        with torch.inference_mode():
+            return self._infer(samples, images)
+
+    def _infer(self, samples: list[dict], images: list[torch.Tensor]) -> list[dict]:
+        import torch
+
+        from maskflow.models.maskrcnn import proposals_from_output
+
         p = self.cfg.proposals
         with torch.autocast(self.device.type, enabled=p.amp and self.device.type == "cuda"):
             outputs = self.model([im.to(self.device, non_blocking=True) for im in images])

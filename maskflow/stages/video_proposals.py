@@ -44,7 +44,7 @@ from typing import Iterator
 import numpy as np
 
 from maskflow import storage
-from maskflow.config import ConfigError, require
+from maskflow.config import ConfigError, Uri, require
 from maskflow.data import schema
 from maskflow.data.coco import load_coco_json
 from maskflow.stage import (Count, InputShard, Plan, Reject, Stage, StageJobConfig, WorkUnit, input_shards,
@@ -62,8 +62,8 @@ SCHEMA = schema.SampleSchema("video_frame/1", (
 
 @dataclass
 class VideoIndexConfig:
-    coco: str | None = None  # COCO-video json (videos + images with video_id / frame_index)
-    davis: str | None = None  # or a DAVIS root (JPEGImages/<resolution>/<seq>, Annotations/<resolution>/<seq>)
+    coco: Uri | None = None  # COCO-video json (videos + images with video_id / frame_index)
+    davis: Uri | None = None  # or a DAVIS root (JPEGImages/<resolution>/<seq>, Annotations/<resolution>/<seq>)
     davis_sequences: list[str] | None = None  # DAVIS only: these sequences (None: all)
     davis_resolution: str = "480p"
 
@@ -74,7 +74,7 @@ class VideoIndexConfig:
 
 @dataclass
 class VideoInputConfig:
-    proposals: str = ""  # the proposals job's output on the frames
+    proposals: Uri = ""  # the proposals job's output on the frames
     videos: VideoIndexConfig = field(default_factory=VideoIndexConfig)
 
     def validate(self) -> None:
