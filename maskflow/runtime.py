@@ -48,6 +48,12 @@ class Common:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("MASKFLOW_LOG_LEVEL", "INFO"),
@@ -90,9 +96,13 @@ def start_embedded_ray(num_cpus: int | None = None, num_gpus: int | None = None,
 
     port = free_port()
     runtime_env = extra.pop("runtime_env", None) or {}
-    runtime_env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}}
-    kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                  runtime_env=runtime_env, **extra)
+    env_vars = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}",
+                RAY_DATA_LOGGING_ENV: RAY_DATA_LOGGING_CONFIG}
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls (without it, it warns
+    # every 2 s); on loopback, on a free port.
+    kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                  dashboard_port=free_port(), _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                  runtime_env={**runtime_env, "env_vars": env_vars}, **extra)
     if object_store_memory_gb:
         kwargs["object_store_memory"] = int(object_store_memory_gb * (1 << 30))
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the head; not for children
@@ -110,9 +120,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "ray",
+                                       "data_logging.yaml")
+
+
 def quiet_ray_data() -> None:
     """Ray Data settings for a readable driver log: the stage harness and the trainer print their own progress (a
-    line per shard or epoch, a tqdm bar on a terminal), so Ray Data's periodic status blocks and bars are off."""
+    line per shard or epoch, a tqdm bar on a terminal), so Ray Data's bars and periodic status blocks are off here,
+    and its console shows warnings only (conf/ray/data_logging.yaml, for this process and every Ray worker)."""
+    os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING_CONFIG)  # read when ray.data is first imported
     import ray.data
     from ray.util.debug import log_once
 
@@ -120,8 +137,10 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     # Ray Data logs once per process that its bars are off, as a warning; this process turned them off on purpose.
     log_once("ray_data_progress_manager_disabled")
-    if log.getEffectiveLevel() > logging.DEBUG:  # "starting/finished execution" lines: per dataset, repeated
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if log.getEffectiveLevel() > logging.DEBUG:  # ray.data imported before the variable was set: same effect
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
 
 
 def cluster_has_gpus() -> bool:

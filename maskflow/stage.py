@@ -39,7 +39,7 @@ import numpy as np
 from maskflow import shards, storage, tracking
 from maskflow.config import JobFailed, Uri, require
 from maskflow.data.schema import SampleSchema
-from maskflow.runtime import Common
+from maskflow.runtime import Common, format_seconds
 from maskflow.storage import DEFAULT_OPTIONS, StorageError, StorageOptions
 from maskflow.tracking import TrackingConfig
 
@@ -574,12 +574,6 @@ class UnitProgress:
         self._advance(0)
         log.error("[%s] %s (%s) failed: %s", self.stage_name, shards.shard_name(rec["index"]), rec.get("source") or "-",
                   rec["failed"])
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 CONTACT_SHEET_SAMPLES = 8

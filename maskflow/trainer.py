@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from maskflow import shards, storage, tracking
 from maskflow.config import Uri, require
-from maskflow.runtime import Common, init_ray
+from maskflow.runtime import Common, format_seconds, init_ray
 from maskflow.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -215,11 +215,67 @@ def _maybe_chaos(step: int, rank: int) -> None:
         os._exit(1)
 
 
+def collate_fn(plugin: ModelPlugin):
+    """The plugin's ``collate`` as the callable class Ray Data's ``iter_torch_batches`` takes (a bare function is
+    deprecated there). Built in the worker: Ray Data's base class is not imported on the driver."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class PluginCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict) -> Any:
+            return plugin.collate(batch)
+
+    return PluginCollate()
+
+
+class EpochProgress:
+    """Rank 0's progress lines: every ``every_s`` seconds within an epoch and at its end — step, samples/s, the
+    running mean of the loss, time left in the epoch and in the run."""
+
+    def __init__(self, name: str, epochs: int, steps_per_epoch: int, world: int, every_s: float = 30.0):
+        self.name, self.epochs, self.steps_per_epoch, self.world = name, epochs, steps_per_epoch, world
+        self.every_s = every_s
+        self.run_started = time.perf_counter()
+        self.steps_done = 0  # in this process (a resumed run counts from its restart)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.epoch_started, self.last_line = epoch, time.perf_counter(), time.perf_counter()
+
+    def step(self, step_in_epoch: int, samples: int, mean_loss: float) -> None:
+        self.steps_done += 1
+        now = time.perf_counter()
+        if now - self.last_line >= self.every_s:
+            self.last_line = now
+            log.info("[%s] epoch %d/%d step %d/%d: loss %.4f, %.1f samples/s, epoch ETA %s", self.name, self.epoch + 1,
+                     self.epochs, step_in_epoch, self.steps_per_epoch, mean_loss,
+                     samples * self.world / max(now - self.epoch_started, 1e-9),
+                     format_seconds((self.steps_per_epoch - step_in_epoch) * (now - self.epoch_started)
+                                    / max(step_in_epoch, 1)))
+
+    def end_epoch(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        per_step = (now - self.run_started) / max(self.steps_done, 1)
+        left = (self.epochs - self.epoch - 1) * self.steps_per_epoch * per_step
+        terms = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items()
+                          if k.startswith("epoch/") and k not in ("epoch/loss", "epoch/samples_per_s"))
+        log.info("[%s] epoch %d/%d done (step %d): loss %.4f (%s), %.1f samples/s, %s, run ETA %s", self.name,
+                 self.epoch + 1, self.epochs, step, metrics.get("epoch/loss", float("nan")), terms,
+                 metrics.get("epoch/samples_per_s", 0.0), format_seconds(now - self.epoch_started), format_seconds(left))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
 
+    from maskflow.runtime import setup_logging
+
+    setup_logging()  # a worker process: its lines reach the driver's log through Ray
+    if log.getEffectiveLevel() > logging.DEBUG:
+        # Ray Train logs every report (metrics and checkpoint path, ~700 characters) under a logger named by its
+        # source file, which its LoggingConfig does not reach; rank 0's epoch line says the same, readably.
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     plugin: ModelPlugin = loop_config["plugin"]
     cfg = plugin.cfg
     ctx = ray.train.get_context()
@@ -251,14 +307,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = MLflowStepLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.loop.log_every_steps) \
         if rank == 0 and loop_config.get("run_id") else None
     shard = ray.train.get_dataset_shard("train")
+    progress = EpochProgress(plugin.name, cfg.loop.epochs, steps_per_epoch, world) if rank == 0 else None
+    collate = collate_fn(plugin)
     for epoch in range(start_epoch, cfg.loop.epochs):
         model.train()
         sums: dict[str, float] = {}
         n_batches, n_samples, t0 = 0, 0, time.perf_counter()
+        if progress:
+            progress.start_epoch(epoch)
         # A fresh iterator every epoch: a reused one yields nothing after the first.
         batches = shard.iter_torch_batches(
             batch_size=cfg.loop.batch_size,
-            collate_fn=plugin.collate,
+            collate_fn=collate,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.loop.seed * 1000 + epoch if cfg.data.shuffle_buffer else None,
             prefetch_batches=2,
@@ -286,12 +346,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 sums[k] = sums.get(k, 0.0) + v
             if logger and step % cfg.loop.log_every_steps == 0:
                 logger.log({**{f"train/{k}": v for k, v in values.items()}, "train/lr": scheduler.get_last_lr()[0]}, step)
+            if progress:
+                progress.step(n_batches, n_samples, sums["loss"] / n_batches)
             _maybe_chaos(step, rank)
         seconds = time.perf_counter() - t0
         metrics = {f"epoch/{k}": v / max(n_batches, 1) for k, v in sums.items()}
         metrics.update({"epoch": epoch, "step": step, "epoch/samples_per_s": n_samples * world / max(seconds, 1e-9)})
         if logger:
             logger.log(metrics, step)
+        if progress:
+            progress.end_epoch(step, metrics)
         last = epoch == cfg.loop.epochs - 1
         if last or (epoch + 1) % cfg.loop.checkpoint_every_epochs == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -324,8 +388,13 @@ def training_dataset(train_uri: str, options: StorageOptions, seed: int):
         raise storage.StorageError(f"data.train: {train_uri} holds no samples")
     fs, _ = storage.pyarrow_filesystem(uris[0], options)
     paths = [storage.pyarrow_filesystem(u, options)[1] for u in uris]
-    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=FileShuffleConfig(seed=seed)), \
-        shards.read_manifest(train_uri, options)["samples"]
+    dataset = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=FileShuffleConfig(seed=seed))
+    # Ray Train's split coordinator runs this dataset once per epoch in a process of its own: with bars "on" and no
+    # terminal there it logs progress at INFO, which conf/ray/data_logging.yaml keeps off the console; with them off
+    # (this driver's setting) it would warn about it once per run.
+    dataset.context.enable_progress_bars = True
+    dataset.context.use_ray_tqdm = False  # else its bars stream to the driver's log line by line
+    return dataset, shards.read_manifest(train_uri, options)["samples"]
 
 
 def _find_or_create_run(cfg: TrainJobConfig, run_name: str, model_name: str) -> str:
@@ -347,11 +416,6 @@ def _find_or_create_run(cfg: TrainJobConfig, run_name: str, model_name: str) -> 
 def fit(plugin: ModelPlugin) -> FitResult:
     """Train ``plugin``'s model as configured; log, register (alias ``candidate``) and return the result."""
     import mlflow
-    import ray.train
-    import torch
-    from ray.train.torch import TorchTrainer
-
-    from maskflow.runtime import cluster_has_gpus
 
     cfg = plugin.cfg
     options = cfg.storage.options()
@@ -363,7 +427,14 @@ def fit(plugin: ModelPlugin) -> FitResult:
     tracking.setup(cfg.tracking, options)
     run_id = _find_or_create_run(cfg, run_name, plugin.name)
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray)  # before Ray's first import in this process (init_ray sets how Ray authenticates)
+    import ray.train
+    import torch
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from maskflow.runtime import cluster_has_gpus
+
     use_gpu = cluster_has_gpus() if cfg.scaling.use_gpu is None else cfg.scaling.use_gpu
     dataset, n_samples = training_dataset(cfg.data.train, options, cfg.loop.seed)
     steps_per_epoch = math.ceil(n_samples / (cfg.loop.batch_size * cfg.scaling.workers))
@@ -380,11 +451,14 @@ def fit(plugin: ModelPlugin) -> FitResult:
             name=run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            # Ray Train's INFO lines (resources requested, worker group started, device) are set-up chatter.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
             # MASKFLOW_* settings (log level, fault injection) reach the workers even on an already-running Ray.
             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MASKFLOW_")}},
         ),
         datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # explicit options: Ray Train's defaults copy a deprecated field (exclude_resources) in every worker
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions()),
     )
     log.info("training %s: run %s, %d samples, %d steps/epoch x %d epochs on %d worker(s)%s", plugin.name, run_name,
              n_samples, steps_per_epoch, cfg.loop.epochs, cfg.scaling.workers, " with GPUs" if use_gpu else "")

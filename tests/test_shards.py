@@ -114,8 +114,8 @@ def test_input_shard_checked_against_its_manifest_keys(tmp_path):
         assert rejects[0][2].startswith("input shard unreadable after 3 samples: ReadError: truncated tar")
 
 
-def rewrite_shard(output_uri: str, index: int, new_samples: list[dict], options=None) -> dict:
-    """Rewrite shard ``index`` of a finished stage output as its *writer* might have written it (for tests of the
+def rewrite_shard(shard_uri: str, new_samples: list[dict], options=None) -> dict:
+    """Rewrite one shard of a finished stage output as its *writer* might have written it (for tests of the
     checks made after the checksums): the manifest keeps the keys it lists, and each sample still in the shard gets
     its new per-sample checksum, so a dropped sample is missing and an edited one is intact but wrong. (A bad *copy*
     of a sample, by contrast, is a checksum mismatch.) Returns the shard's new record."""
@@ -124,9 +124,10 @@ def rewrite_shard(output_uri: str, index: int, new_samples: list[dict], options=
     from maskflow import storage
 
     options = options or storage.DEFAULT_OPTIONS
+    output_uri, name = shard_uri.rsplit("/", 1)
     manifest = shards.read_manifest(output_uri, options)
-    entry = manifest["shards"][index]
-    record = shards.write_shard(storage.join(output_uri, entry["name"]), new_samples, options)
+    (entry,) = [e for e in manifest["shards"] if e["name"] == name]
+    record = shards.write_shard(shard_uri, new_samples, options)
     new = dict(zip(record["keys"], record["sample_sha256"]))
     entry["sample_sha256"] = [new.get(k, d) for k, d in zip(entry["keys"], entry["sample_sha256"])]
     storage.write_text(storage.join(output_uri, shards.MANIFEST), json.dumps(manifest, indent=1), options)

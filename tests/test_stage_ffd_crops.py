@@ -18,6 +18,7 @@ from maskflow.data import schema
 from maskflow.data.validate import decode_rle, encode_mask, rle_to_bytes
 from maskflow.stages import ffd_crops as fc
 from maskflow.stages.proposals import ProposalsConfig, ProposalsStage
+from tests.test_shards import rewrite_shard
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,9 @@ def run_proposals(model: dict, input_shards: str, out: str, options, top_k: int 
 
 
 def tamper(proposals_uri: str, options) -> dict:
-    """A bad copy of the first proposal shard: one listed sample gone; in another sample one proposal's mask
-    emptied and another's box made degenerate. The manifest stays. Returns the keys touched."""
+    """The first proposal shard as a faulty writer would leave it: one listed sample gone; in another sample one
+    proposal's mask emptied and another's box made degenerate (with a matching checksum, so it gets past the
+    checksums to the checks after them). The manifest keeps its keys. Returns the keys touched."""
     uri = shards.shard_uris(proposals_uri, options)[0]
     samples = list(shards.iter_shard(uri, options))
     dropped, edited = samples[0]["__key__"], samples[1]
@@ -45,7 +47,7 @@ def tamper(proposals_uri: str, options) -> dict:
     props["segmentations"][0] = encode_mask(np.zeros((h, w), bool))
     props["boxes"][1] = [10.0, 10.0, 0.0, 5.0]
     edited[schema.PROPOSALS] = props
-    shards.write_shard(uri, samples[1:], options)
+    rewrite_shard(uri, samples[1:], options)
     return {"dropped": dropped, "edited": edited["__key__"]}
 
 

@@ -18,6 +18,7 @@ from maskflow.data.convert import penn_fudan_to_coco
 from maskflow.stages import instance_maps as im
 from ops.masks import decode_masks
 from tests.test_ingest import run_ingest
+from tests.test_shards import rewrite_shard
 
 COCO_IDS = (142238, 439180)
 
@@ -52,15 +53,16 @@ def maps_cfg(shards_uri: str, out: str, options, **resize) -> im.InstanceMapsCon
 
 
 def tamper_first_shard(shards_uri: str, options) -> tuple[str, str]:
-    """Rewrite the first shard as a bad copy would leave it: one listed sample gone, one sample's first mask of the
-    wrong size. The manifest is left as it was. Returns (dropped key, bad-mask key)."""
+    """Rewrite the first shard as a faulty writer would leave it: one listed sample gone, one sample's first mask of
+    the wrong size (with a matching checksum, so it gets past the checksums to the checks after them). The manifest
+    keeps its keys. Returns (dropped key, bad-mask key)."""
     uri = shards.shard_uris(shards_uri, options)[0]
     samples = list(shards.iter_shard(uri, options))
     dropped, bad = samples[1]["__key__"], samples[2]["__key__"]
     meta = schema.loads(samples[2][schema.META])
     meta["annotations"][0]["segmentation"]["size"] = [meta["height"] // 2, meta["width"]]
     samples[2][schema.META] = meta
-    shards.write_shard(uri, [s for s in samples if s["__key__"] != dropped], options)
+    rewrite_shard(uri, [s for s in samples if s["__key__"] != dropped], options)
     return dropped, bad
 
 

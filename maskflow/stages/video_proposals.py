@@ -179,7 +179,7 @@ def plan_videos(index: dict, proposal_shards: list[InputShard], frames_per_shard
 # --------------------------------------------------------------------------------------------- one video
 
 
-def video_samples(video: dict, raw: dict[str, dict], s: VideoSettings,
+def video_samples(video: dict, raw: dict[str, dict | Reject], s: VideoSettings,
                   source: str = "") -> tuple[list[dict], None] | tuple[None, str]:
     """The frame samples of one video, or ``(None, reason)`` if it cannot be made whole."""
     opened = []
@@ -188,6 +188,8 @@ def video_samples(video: dict, raw: dict[str, dict], s: VideoSettings,
         sample = raw.get(f["key"])
         if sample is None:
             return None, f"frame {i} (image {f['image_id']}) missing from its proposal shard"
+        if isinstance(sample, Reject):  # lost or damaged in its proposal shard: say why
+            return None, f"frame {i} (image {f['image_id']}): {sample.reason}"
         got = open_image_sample(sample, source)
         if isinstance(got, Reject):
             return None, f"frame {i}: {got.reason}"
@@ -267,6 +269,8 @@ class VideoProposalsStage(Stage):
             for sample in iter_input_shard(shard, self.options):
                 if not isinstance(sample, Reject) and sample["__key__"] in wanted:
                     raw[sample["__key__"]] = sample
+                elif isinstance(sample, Reject) and sample.kind == "sample" and sample.key in wanted:
+                    raw.setdefault(sample.key, sample)  # why a frame is lost (a damaged or missing sample)
         for video in item["videos"]:
             samples, reason = video_samples(video, raw, self.cfg.videos, unit.source)
             if reason:
