@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean cluster cluster-stop
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -27,6 +27,13 @@ bench: setup
 	$(BIN)/python bench/train_loader.py
 	$(BIN)/python bench/stages.py
 	for b in bench/ops/*.py; do $(BIN)/python $$b || exit 1; done
+
+# A Ray head node on this machine for `ray job submit` (token authentication, jobs on .venv): see cluster/README.md
+cluster: setup
+	cluster/local.sh start
+
+cluster-stop:
+	cluster/local.sh stop
 
 clean:
 	rm -rf runs .pytest_cache
