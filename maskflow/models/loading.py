@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from maskflow import storage
@@ -97,10 +98,16 @@ def _resolve_registry_uri(uri: str, key: str) -> str:
         raise ConfigError(f"{key}: no MLflow run {run_id!r} in the tracking store (check tracking.tracking_uri)") from None
     from mlflow.models import get_model_info
 
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file: no progress bar for it
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
     try:
         get_model_info(uri)
     except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing model; all mean the same here
         raise ConfigError(f"{key}: run {run_id} holds no logged model at {path or '<empty path>'!r}") from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return uri
 
 
