@@ -26,7 +26,7 @@ TEMP_DIR=${RAY_TEMP_DIR:-/tmp/maskflow-ray}
 export MASKFLOW_BASE_DIR=${MASKFLOW_BASE_DIR:-$ROOT}
 export RAY_AUTH_MODE=token
 export PATH=$VENV/bin:$PATH  # the raylet's PATH decides which `python` a job's entrypoint runs
-export RAY_DATA_LOGGING_CONFIG=${RAY_DATA_LOGGING_CONFIG:-$ROOT/conf/ray/data_logging.yaml}
+export RAY_DATA_LOGGING_CONFIG=${RAY_DATA_LOGGING_CONFIG:-$ROOT/cluster/ray_data_logging.yaml}
 
 die() { echo "cluster/local.sh: $*" >&2; exit 1; }
 

@@ -121,14 +121,14 @@ def free_port() -> int:
 
 
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
-RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "ray",
-                                       "data_logging.yaml")
+RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster",
+                                       "ray_data_logging.yaml")
 
 
 def quiet_ray_data() -> None:
     """Ray Data settings for a readable driver log: the stage harness and the trainer print their own progress (a
     line per shard or epoch, a tqdm bar on a terminal), so Ray Data's bars and periodic status blocks are off here,
-    and its console shows warnings only (conf/ray/data_logging.yaml, for this process and every Ray worker)."""
+    and its console shows warnings only (cluster/ray_data_logging.yaml, for this process and every Ray worker)."""
     os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING_CONFIG)  # read when ray.data is first imported
     import ray.data
     from ray.util.debug import log_once

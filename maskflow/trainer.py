@@ -390,7 +390,7 @@ def training_dataset(train_uri: str, options: StorageOptions, seed: int):
     paths = [storage.pyarrow_filesystem(u, options)[1] for u in uris]
     dataset = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=FileShuffleConfig(seed=seed))
     # Ray Train's split coordinator runs this dataset once per epoch in a process of its own: with bars "on" and no
-    # terminal there it logs progress at INFO, which conf/ray/data_logging.yaml keeps off the console; with them off
+    # terminal there it logs progress at INFO, which cluster/ray_data_logging.yaml keeps off the console; with them off
     # (this driver's setting) it would warn about it once per run.
     dataset.context.enable_progress_bars = True
     dataset.context.use_ray_tqdm = False  # else its bars stream to the driver's log line by line
