@@ -74,14 +74,14 @@ def replicated(coco: dict, copies: int, path: str) -> str:
 
 
 def train_model(shards_uri: str, work: str, epochs: int) -> dict:
-    from maskflow.trainer import fit
+    from maskflow.train.fit import fit
     from trainers.maskrcnn import MaskRCNNPlugin, MaskRCNNTrainConfig
 
     arch = {**yaml.safe_load(open(os.path.join(ROOT, "conf", "demo.yaml")))["model"],
             "min_size": 160, "max_size": 256, "anchor_sizes": [16, 32, 64, 128, 256]}
     cfg = config.build(MaskRCNNTrainConfig, {
         "data": {"train": shards_uri}, "model": arch,
-        "optim": {"name": "adamw", "lr": 0.002, "warmup_steps": 20},
+        "optim": {"name": "adamw", "lr": 0.002}, "schedule": {"warmup_steps": 20},
         "loop": {"epochs": epochs, "batch_size": 4, "torch_threads": 2},
         "run": {"storage_path": os.path.join(work, "ckpt"), "name": "bench-stages"},
         "tracking": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},

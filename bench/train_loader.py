@@ -5,7 +5,7 @@ process, with the same torch threads:
 
 * **in-memory**: batches collated once up front (decoded images, targets) and replayed — the model's own speed;
 * **real loader**: what a trainer worker does each epoch: ``ray.data.read_webdataset`` over the shards (the trainer
-  harness's :func:`maskflow.trainer.training_dataset`) → ``iter_torch_batches(collate_fn=plugin.collate)`` with
+  harness's :func:`maskflow.train.fit.training_dataset`) → ``iter_torch_batches(collate_fn=<the plugin's collate>)`` with
   prefetching (PNG decode, RLE decode, flips in the collate function).
 
 The ratio (real / in-memory steps/s) says how much of a CPU training step the input pipeline costs; Ray Train's
@@ -32,7 +32,8 @@ from _results import write_result  # noqa: E402
 from maskflow import config, stage  # noqa: E402
 from maskflow.data.synthetic import generate_coco_dataset  # noqa: E402
 from maskflow.stages.ingest import IngestConfig, IngestStage  # noqa: E402
-from maskflow.trainer import training_dataset  # noqa: E402
+from maskflow.train.fit import training_dataset  # noqa: E402
+from maskflow.train.loop import collate_fn  # noqa: E402
 from trainers.maskrcnn import MaskRCNNPlugin, MaskRCNNTrainConfig  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
 
         def real_batches():
             while True:  # epochs, each with a fresh iterator as the trainer does
-                yield from ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=plugin.collate,
+                yield from ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate_fn(plugin, seed=0),
                                                  local_shuffle_buffer_size=64, local_shuffle_seed=0,
                                                  prefetch_batches=2, drop_last=True)
 

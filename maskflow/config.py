@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import keyword
 import os
 import sys
 import types
@@ -114,12 +115,14 @@ def build(schema: type[T], data: dict | None, prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(schema, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    # A Python keyword cannot name a field: ``from`` in a config is the field ``from_`` (e.g. ``init.from``).
+    data = {(f"{k}_" if keyword.iskeyword(str(k)) and f"{k}_" in fields else k): v for k, v in data.items()}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key (known keys: {', '.join(sorted(fields))})")
+            raise ConfigError(f"{prefix}{key}: unknown key (known keys: {', '.join(sorted(map(_key_of, fields)))})")
     kwargs = {}
     for name, f in fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{_key_of(name)}"
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], key)
         elif dataclasses.is_dataclass(hints[name]) or _has_uri(hints[name]):  # defaults are validated / resolved too
@@ -144,6 +147,12 @@ def build(schema: type[T], data: dict | None, prefix: str = "") -> T:
         except ConfigError as e:
             raise ConfigError(f"{prefix}{e}") from None
     return obj
+
+
+def _key_of(field_name: str) -> str:
+    """The config key of a dataclass field: ``from_`` is written ``from``."""
+    stem = field_name[:-1]
+    return stem if field_name.endswith("_") and keyword.iskeyword(stem) else field_name
 
 
 def _type_name(tp: Any) -> str:
@@ -265,7 +274,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, keyed as it is written in YAML (``from``, not the field name ``from_``)."""
+
+    def keyed(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {_key_of(k) if isinstance(k, str) else k: keyed(v) for k, v in d.items()}
+        if isinstance(d, list):
+            return [keyed(v) for v in d]
+        return d
+
+    return keyed(dataclasses.asdict(cfg))
 
 
 def redacted(d: Any) -> Any:

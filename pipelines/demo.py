@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from maskflow import config, runtime, shards, stage, storage, tracking, trainer
+from maskflow import config, runtime, shards, stage, storage, tracking
 from maskflow.config import Uri, require
 from maskflow.data.synthetic import generate_coco_dataset
 from maskflow.eval_proposals import EvaluateProposalsConfig, evaluate_job, format_table
@@ -22,7 +22,7 @@ from maskflow.models.maskrcnn_config import MaskRCNNConfig
 from maskflow.stage import ComputeConfig
 from maskflow.stages.ingest import IngestConfig, IngestStage
 from maskflow.stages.proposals import ProposalsConfig, ProposalSettings, ProposalsStage
-from maskflow.trainer import LoopConfig, OptimConfig, ScalingConfig
+from maskflow.train.config import LoopConfig, OptimConfig, ScalingConfig, ScheduleConfig
 from trainers.maskrcnn import AugmentConfig, MaskRCNNPlugin, MaskRCNNTrainConfig
 
 log = logging.getLogger("maskflow.demo")
@@ -49,6 +49,7 @@ class DemoConfig(runtime.Common):
     model_name: str = "maskflow-maskrcnn-demo"
     model: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -94,10 +95,12 @@ def main(argv=None) -> dict:
     # 3. train on Ray Train, log + register (alias candidate)
     train_cfg = sub_config(
         MaskRCNNTrainConfig, cfg, data={"train": shard_uris["train"]}, model=config.to_dict(cfg.model),
-        optim=config.to_dict(cfg.optim), loop=config.to_dict(cfg.loop), scaling=config.to_dict(cfg.scaling),
+        optim=config.to_dict(cfg.optim), schedule=config.to_dict(cfg.schedule), loop=config.to_dict(cfg.loop), scaling=config.to_dict(cfg.scaling),
         augment=config.to_dict(cfg.augment), run={"storage_path": storage.join(cfg.workdir, "checkpoints")},
         registry={"model_name": cfg.model_name})
-    fit = trainer.fit(MaskRCNNPlugin(train_cfg))
+    from maskflow.train.fit import fit as fit_model  # torch and Ray load only once the configs have parsed
+
+    fit = fit_model(MaskRCNNPlugin(train_cfg))
     model_uri = f"models:/{cfg.model_name}/{fit.model_version}"
 
     # 4. proposals for the validation split with the registered model

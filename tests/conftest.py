@@ -172,7 +172,7 @@ def penn_fudan_maskrcnn(ray_local, penn_fudan_shards, tmp_path_factory) -> dict:
     import yaml
 
     from maskflow import config
-    from maskflow.trainer import fit
+    from maskflow.train.fit import fit
     from trainers.maskrcnn import MaskRCNNPlugin, MaskRCNNTrainConfig
 
     arch = {**yaml.safe_load((ROOT / "conf" / "demo.yaml").read_text())["model"],
@@ -180,7 +180,7 @@ def penn_fudan_maskrcnn(ray_local, penn_fudan_shards, tmp_path_factory) -> dict:
     cfg = config.build(MaskRCNNTrainConfig, {
         "data": {"train": penn_fudan_shards, "shuffle_buffer": 16},
         "model": arch,
-        "optim": {"name": "adamw", "lr": 0.002, "warmup_steps": 20},
+        "optim": {"name": "adamw", "lr": 0.002}, "schedule": {"warmup_steps": 20},
         "loop": {"epochs": 12, "batch_size": 4, "log_every_steps": 20, "torch_threads": 2},
         "run": {"storage_path": str(tmp_path_factory.mktemp("pf-ckpt")), "name": "pf-maskrcnn"},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path_factory.mktemp('pf-mlflow')}/mlflow.db"},

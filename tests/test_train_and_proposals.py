@@ -28,7 +28,8 @@ from maskflow.data import schema
 from maskflow.data.synthetic import generate_coco_dataset
 from maskflow.eval_proposals import EvaluateProposalsConfig, evaluate_job
 from maskflow.stages.proposals import ProposalsConfig, ProposalsStage
-from maskflow.trainer import CHAOS_MARKER_ENV, CHAOS_STEP_ENV, fit
+from maskflow.train.fit import fit
+from maskflow.train.loop import CHAOS_MARKER_ENV, CHAOS_STEP_ENV
 from ops.masks import mask_iou
 from tests.test_ingest import run_ingest
 from trainers.maskrcnn import MaskRCNNPlugin, MaskRCNNTrainConfig
@@ -71,7 +72,7 @@ def trained(ray_local, tmp_path_factory, tracking_module, s3_module, shared_data
     cfg = config.build(MaskRCNNTrainConfig, {
         "data": {"train": shards_uri, "shuffle_buffer": 8},
         "model": {**demo_arch(), "min_size": 96, "max_size": 96},
-        "optim": {"name": "adamw", "lr": 0.002, "warmup_steps": 2},
+        "optim": {"name": "adamw", "lr": 0.002}, "schedule": {"warmup_steps": 2},
         "loop": {"epochs": 2, "batch_size": 4, "log_every_steps": 1, "torch_threads": 2},
         "run": {"storage_path": f"s3://{bucket}/checkpoints", "name": "chaos-run", "max_failures": 1},
         "registry": {"model_name": MODEL_NAME},

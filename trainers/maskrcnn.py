@@ -10,7 +10,6 @@ foreground class, backbone from config (ResNet-50-FPN as in DMM-Net, or a CPU-si
 from __future__ import annotations
 
 import os
-import random
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,10 +17,12 @@ from typing import TYPE_CHECKING
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskflow import config, trainer
+from maskflow import config
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
 from maskflow.models.maskrcnn_config import MaskRCNNConfig
+from maskflow.train.config import TrainJobConfig
+from maskflow.train.plugin import ModelPlugin
 
 if TYPE_CHECKING:  # torch loads in the workers, and on the driver only once the config has parsed
     import torch
@@ -35,7 +36,7 @@ class AugmentConfig:
 
 
 @dataclass
-class MaskRCNNTrainConfig(trainer.TrainJobConfig):
+class MaskRCNNTrainConfig(TrainJobConfig):
     model: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -47,28 +48,22 @@ def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
 
 
-class MaskRCNNPlugin(trainer.ModelPlugin):
+class MaskRCNNPlugin(ModelPlugin):
     name = "maskrcnn"
-
-    def __init__(self, cfg: MaskRCNNTrainConfig):
-        super().__init__(cfg)
-        self._rng: random.Random | None = None
 
     def build_model(self):
         from maskflow.models.maskrcnn import build_maskrcnn
 
         return build_maskrcnn(self.cfg.model)
 
-    def collate(self, batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
+    def collate(self, batch: dict, rng) -> tuple[list[torch.Tensor], list[dict]]:
         from maskflow.models.maskrcnn import image_to_tensor, targets_from_meta
 
-        if self._rng is None:  # one deterministic stream per worker process
-            self._rng = random.Random(self.cfg.loop.seed)
         images, targets = [], []
         for image_bytes, meta_bytes in zip(batch[schema.IMAGE], batch[schema.META]):
             image = image_to_tensor(decode_image(bytes(image_bytes)))
             target = targets_from_meta(schema.loads(bytes(meta_bytes)))
-            if self._rng.random() < self.cfg.augment.hflip:
+            if rng is not None and rng.random() < self.cfg.augment.hflip:
                 image, target = hflip(image, target)
             images.append(image)
             targets.append(target)
@@ -81,12 +76,14 @@ class MaskRCNNPlugin(trainer.ModelPlugin):
         return model(images, targets)
 
 
-def main(argv=None) -> trainer.FitResult:
+def main(argv=None):
     from maskflow import runtime
 
     cfg = config.parse_cli(MaskRCNNTrainConfig, argv, description=__doc__)
     runtime.setup_logging()
-    result = trainer.fit(MaskRCNNPlugin(cfg))
+    from maskflow.train.fit import fit  # torch and Ray load only once the config has parsed
+
+    result = fit(MaskRCNNPlugin(cfg))
     print(f"run {result.run_name}: model {result.model_uri}"
           + (f", registered as {cfg.registry.model_name} v{result.model_version} @candidate" if result.model_version else ""))
     return result
