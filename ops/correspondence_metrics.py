@@ -25,8 +25,6 @@ Conventions:
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,7 +37,6 @@ __all__ = [
     "warp_labels",
     "lt_acc",
     "mask_iou_transfer",
-    "read_pf_pascal_pairs",
     "stack_pair_keypoints",
 ]
 
@@ -215,43 +212,11 @@ def _reduce(per: np.ndarray, reduction: str) -> Any:
     return float(per[ok].mean()) if ok.any() else float("nan")
 
 
-def read_pf_pascal_pairs(csv_path: str | Path) -> list[dict]:
-    """Read a PF-PASCAL pair list (NCNet / WeakAlign layout).
-
-    Columns: ``source_image, target_image, class`` (1..20, PASCAL VOC order), then either ``XA, YA, XB, YB``
-    (test pairs: ';'-separated keypoint coordinates, A = source, B = target, same count and order in all four)
-    or ``flip`` (train/val pairs, no keypoints). Returns one dict per row: ``source_image``, ``target_image``,
-    ``class`` (int), and ``source_kps`` / ``target_kps`` ``(K, 2)`` float64 ``(x, y)`` arrays when present,
-    ``flip`` (bool) when present.
-    """
-    out: list[dict] = []
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or ())
-        need = {"source_image", "target_image", "class"}
-        if not need <= cols:
-            raise ValueError(f"{csv_path}: expected columns {sorted(need)}, got {reader.fieldnames}")
-        has_kps = {"XA", "YA", "XB", "YB"} <= cols
-        for i, row in enumerate(reader):
-            rec: dict = {
-                "source_image": row["source_image"],
-                "target_image": row["target_image"],
-                "class": int(row["class"]),
-            }
-            if has_kps:
-                xa, ya, xb, yb = (np.array(row[c].split(";"), dtype=np.float64) for c in ("XA", "YA", "XB", "YB"))
-                if not (len(xa) == len(ya) == len(xb) == len(yb)):
-                    raise ValueError(f"{csv_path}: row {i + 2} has keypoint lists of different lengths")
-                rec["source_kps"] = np.stack([xa, ya], axis=1)
-                rec["target_kps"] = np.stack([xb, yb], axis=1)
-            if "flip" in cols:
-                rec["flip"] = bool(int(row["flip"]))
-            out.append(rec)
-    return out
-
-
 def stack_pair_keypoints(pairs: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pad the pairs' keypoints to ``(N, K_max, 2)`` (source, target; padding -1) and a ``(N, K_max)`` valid mask."""
+    """Pad the pairs' keypoints to ``(N, K_max, 2)`` (source, target; padding -1) and a ``(N, K_max)`` valid mask.
+
+    ``pairs``: dicts with ``source_kps`` / ``target_kps`` ``(K, 2)`` arrays, e.g. from
+    ``maskflow.data.pf_pascal.read_pf_pascal_pairs``."""
     k = max((len(p["source_kps"]) for p in pairs), default=0)
     n = len(pairs)
     src = np.full((n, k, 2), -1.0)

@@ -49,11 +49,19 @@ fraction of the cell covered by the mask, obtained by roi_align-ing the mask its
 (an average of bilinear samples: the exact area fraction as sampling gets dense). :func:`dual_mask_pooling`
 concatenates, per level and grid size, the mask-weighted pooling in the tight box and the plain pooling in the box
 enlarged ``context`` (1.6) times about its centre (not clipped: roi_align reads 0 beyond the image).
+
+Crops (sec. 3.3, "Training Examples")
+-------------------------------------
+
+FFD-Net registers a mask inside the 1.6x enlarged box of a proposal, resampled to a fixed size. With the same box
+layout, :func:`crop_resize` cuts each box out of an image/mask stack and resizes it (``roi_align(aligned=True)``
+with adaptive sampling: each output cell averages about ``box / size`` samples a side, so large boxes are
+area-averaged, not aliased), and :func:`paste_crops` is its inverse map: image pixel centre ``p`` reads the crop at
+``(p - box origin) / box size * size`` (bilinear, zero outside the box) — how a refined mask goes back into the image.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import numbers
 from typing import Sequence, Union
@@ -61,10 +69,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from maskflow.config import require
-
 __all__ = [
-    "FFDConfig",
     "bspline_basis",
     "bspline_weights",
     "ffd_displacement",
@@ -76,26 +81,11 @@ __all__ = [
     "mask_coverage",
     "weighted_roi_pool",
     "dual_mask_pooling",
+    "crop_resize",
+    "paste_crops",
 ]
 
 ScaleLike = Union[float, Sequence[float], torch.Tensor]
-
-
-@dataclasses.dataclass
-class FFDConfig:
-    """The paper's FFD-Net settings (sec. 3.3), as a config block (see :mod:`maskflow.config`)."""
-
-    mesh_size: int = 13  # control points per axis (My = Mx)
-    grid_sizes: list[int] = dataclasses.field(default_factory=lambda: [30, 20])  # pooling grids
-    context: float = 1.6  # enlargement of the tight box for the context pooling
-    sampling_ratio: int = 2  # roi_align samples per cell and axis
-
-    def __post_init__(self) -> None:
-        require(self.mesh_size >= 4, "mesh_size", f"needs >= 4 control points per axis, got {self.mesh_size}")
-        require(len(self.grid_sizes) > 0 and all(g > 0 for g in self.grid_sizes), "grid_sizes",
-                f"must be positive ints, got {self.grid_sizes}")
-        require(self.context >= 1.0, "context", f"must be >= 1, got {self.context}")
-        require(self.sampling_ratio > 0, "sampling_ratio", f"must be > 0, got {self.sampling_ratio}")
 
 
 # --------------------------------------------------------------------------------------------- B-splines
@@ -391,6 +381,12 @@ def dual_mask_pooling(feature_levels: Sequence[torch.Tensor], spatial_scales: Se
         per_level = [list(g) for g in grid_sizes]
     else:
         per_level = [list(grid_sizes)] * len(feature_levels)
+    if any(int(g) <= 0 for grids in per_level for g in grids):
+        raise ValueError(f"grid sizes must be positive, got {grid_sizes}")
+    if context < 1.0:
+        raise ValueError(f"context must be >= 1 (an enlargement of the tight box), got {context}")
+    if sampling_ratio <= 0:
+        raise ValueError(f"sampling_ratio must be > 0, got {sampling_ratio}")
     big = enlarge_boxes(boxes.float() if not boxes.is_floating_point() else boxes, context)
     pieces = []
     for feats, scale, grids in zip(feature_levels, spatial_scales, per_level):
@@ -403,3 +399,50 @@ def dual_mask_pooling(feature_levels: Sequence[torch.Tensor], spatial_scales: Se
     if not flatten:
         return pieces
     return torch.cat([p.flatten(1) for p in pieces], dim=1)
+
+
+# --------------------------------------------------------------------------------------------- crops
+
+
+def crop_resize(planes: torch.Tensor, boxes: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """Cut box ``k`` out of plane ``boxes[k, 0]`` of ``planes (N, C, H, W)`` and resize it: ``(K, C, h, w)``.
+
+    ``boxes`` ``(K, 5)`` ``[plane_idx, x1, y1, x2, y2]`` in continuous pixel coordinates (the module's box layout;
+    boxes may reach past the planes, which read 0 there); ``size`` an int or ``(h, w)``. Resampled with
+    ``roi_align(aligned=True, sampling_ratio=-1)``: adaptive, so a box larger than the crop is area-averaged.
+    Integer planes (uint8 images, bool masks) are resampled as float32; float planes keep their dtype.
+    """
+    from torchvision.ops import roi_align
+
+    _check_boxes(boxes)
+    x = planes if planes.is_floating_point() else planes.float()
+    return roi_align(x, boxes.to(device=x.device, dtype=x.dtype), output_size=_pair(size), spatial_scale=1.0,
+                     sampling_ratio=-1, aligned=True)
+
+
+def paste_crops(crops: torch.Tensor, boxes: torch.Tensor, height: int, width: int, chunk: int = 16) -> torch.Tensor:
+    """Crops ``(K, h, w)`` (e.g. a refined mask per box) back into the ``height x width`` image: ``(K, H, W)``,
+    bilinear, zero outside each box. The inverse of :func:`crop_resize`'s sampling.
+
+    ``boxes`` ``(K, 5)`` as for :func:`crop_resize` (the plane index is not used) or ``(K, 4)`` ``[x1, y1, x2, y2]``.
+    Float crops keep their dtype (others become float32). Boxes go ``chunk`` at a time, which bounds the
+    ``(chunk, H, W, 2)`` sampling grid on large images.
+    """
+    if crops.ndim != 3:
+        raise ValueError(f"crops must be (K, h, w), got {tuple(crops.shape)}")
+    if boxes.ndim != 2 or boxes.shape[1] not in (4, 5) or boxes.shape[0] != crops.shape[0]:
+        raise ValueError(f"boxes must be (K, 4) or (K, 5) with K={crops.shape[0]}, got {tuple(boxes.shape)}")
+    crops = crops if crops.is_floating_point() else crops.float()
+    xyxy = boxes[:, -4:].to(device=crops.device, dtype=crops.dtype)
+    origin, extent = xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]
+    xs = torch.arange(width, device=crops.device, dtype=crops.dtype) + 0.5  # pixel centres, continuous coordinates
+    ys = torch.arange(height, device=crops.device, dtype=crops.dtype) + 0.5
+    out = crops.new_zeros((len(crops), height, width))
+    for start in range(0, len(crops), chunk):
+        part = slice(start, start + chunk)
+        gx = 2 * (xs[None, :] - origin[part, 0:1]) / extent[part, 0:1] - 1  # (k, W) normalised crop coordinates
+        gy = 2 * (ys[None, :] - origin[part, 1:2]) / extent[part, 1:2] - 1  # (k, H)
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (k, H, W, 2)
+        out[part] = F.grid_sample(crops[part, None], grid, mode="bilinear", padding_mode="zeros",
+                                  align_corners=False)[:, 0]
+    return out

@@ -1,5 +1,6 @@
-"""SFNet operators (sections 3.1-3.2, 4.1): 4D correlation, kernel soft argmax, and the mask/flow/smoothness
-losses — batched PyTorch, no per-position Python loop.
+"""SFNet operators (Lee et al., "SFNet: Learning Object-aware Semantic Correspondence", CVPR 2019, sections 3.1-3.2,
+4.1): 4D correlation, kernel soft argmax, and the mask/flow/smoothness losses — batched PyTorch, no per-position
+Python loop.
 
 Conventions (:mod:`ops.warp`'s, pinned by ``tests/test_ops_flow.py``):
 
@@ -15,6 +16,19 @@ Conventions (:mod:`ops.warp`'s, pinned by ``tests/test_ops_flow.py``):
   align_corners=True (torch 1.0 behaviour); this module keeps that convention explicitly, so an inverse pair of
   flows has zero flow-consistency loss.
 * Masks are ``(N, 1, H, W)`` or ``(N, H, W)`` in [0, 1] **on the flow's grid** (resize them first).
+
+Correlation clipped at zero (``correlation_4d(..., relu=True)``, the default). The paper multiplies the two levels'
+correlations (eq. 1 and sec. 3.1) and is silent on their sign; the authors' released code (cvlab-yonsei/SFNet,
+``matching_layer``) applies a ReLU to each level's cosine correlation before the product, and the paper's numbers
+come from that code. Without the clip two negative cosines (features that disagree at both depths) multiply to a
+positive score that can beat a true match: in a seeded comparison with the released code on a 20 x 20 grid the
+flows from the same features differed by up to 16 cells. ``relu=False`` keeps the unclipped product.
+
+Loss units (:func:`sfnet_loss_weights`). The paper's weights (3, 16, 0.5) were tuned with the released code, whose
+flows are in grid_sample units on the ``G``-point grid (``linspace(-1, 1, G)``, one cell = ``2 / (G - 1)``); the
+flows here are in cells. Convert the weights with :func:`sfnet_loss_weights` before applying them to the
+cell-unit losses, or flow consistency weighs ``((G - 1) / 2)^2`` (90.25 at G = 20) and smoothness ``(G - 1) / 2``
+(9.5) times too much.
 
 Kernel soft argmax (eq. 2-3): per source cell, L2-normalise the 2D slice ``c_p`` -> ``n_p``; take the discrete
 argmax ``q*`` of ``n_p`` (no gradient through it); ``k_p(q) = exp(-|q - q*|^2 / (2 sigma^2))`` (peak 1,
@@ -44,13 +58,15 @@ __all__ = [
     "flow_consistency_loss",
     "smoothness_loss",
     "sfnet_loss",
+    "sfnet_loss_weights",
 ]
 
 _EPS = 1e-12
 
 
-def correlation_4d(fa: torch.Tensor, fb: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-    """Eq. 1: ``c(p, q) = f_a(p)^T f_b(q)`` with each C-dim feature L2-normalised first (``normalize=True``).
+def correlation_4d(fa: torch.Tensor, fb: torch.Tensor, *, normalize: bool = True, relu: bool = True) -> torch.Tensor:
+    """Eq. 1: ``c(p, q) = f_a(p)^T f_b(q)`` with each C-dim feature L2-normalised first (``normalize=True``), then
+    clipped at zero (``relu=True``, the released code's ``matching_layer``: see the module docstring).
 
     fa: (N, C, H, W), fb: (N, C, H', W') -> (N, H, W, H', W'). One batched matmul.
     """
@@ -61,11 +77,16 @@ def correlation_4d(fa: torch.Tensor, fb: torch.Tensor, *, normalize: bool = True
     N, C, H, W = fa.shape
     H2, W2 = fb.shape[-2:]
     corr = fa.flatten(2).transpose(1, 2) @ fb.flatten(2)  # (N, HW, H'W')
+    if relu:
+        corr = F.relu(corr)
     return corr.view(N, H, W, H2, W2)
 
 
 def combine_levels(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """Combine two levels' correlations (same shape, e.g. conv4-23 and upsampled conv5-3) by element-wise product."""
+    """Combine two levels' correlations (same shape, e.g. conv4-23 and upsampled conv5-3) by element-wise product.
+
+    Give it clipped correlations (:func:`correlation_4d`'s default ``relu=True``), as the released code does: the
+    product of two unclipped negative cosines would score as a match."""
     if c1.shape != c2.shape:
         raise ValueError(f"correlations must have the same shape, got {tuple(c1.shape)}, {tuple(c2.shape)}")
     return c1 * c2
@@ -214,9 +235,37 @@ def smoothness_loss(flow_s: torch.Tensor, flow_t: torch.Tensor, mask_s: torch.Te
     return one(flow_s, ms) + one(flow_t, mt)
 
 
+def sfnet_loss_weights(lambda_mask: float, lambda_flow: float, lambda_smooth: float,
+                       grid: int) -> tuple[float, float, float]:
+    """The paper's loss weights (eq. 4; sec. 4.1: 3, 16, 0.5) converted for flows in cells on a ``grid x grid`` map.
+
+    The paper's weights go with flows in grid_sample units on the ``G``-point grid of the released code
+    (``linspace(-1, 1, G)``: one cell = ``2 / (G - 1)`` units), so ``F_cell = F_norm * (G - 1) / 2``. The mask
+    term is unit-free; flow consistency is a squared L2 norm of flows (``L_flow,cell = ((G - 1) / 2)^2 L_flow,norm``);
+    smoothness an L1 norm of flow differences (``L_smooth,cell = (G - 1) / 2 * L_smooth,norm``). Equal objectives
+    therefore need::
+
+        w_mask = lambda_mask,  w_flow = lambda_flow * (2 / (G - 1))^2,  w_smooth = lambda_smooth * 2 / (G - 1)
+
+    e.g. G = 20: (3, 16 / 90.25, 0.5 / 9.5) = (3, 0.1773, 0.0526); G = 16: (3, 0.2844, 0.0667). Returns
+    ``(w_mask, w_flow, w_smooth)`` for :func:`mask_consistency_loss`, :func:`flow_consistency_loss`,
+    :func:`smoothness_loss` (or :func:`sfnet_loss`'s ``lambda_*``) on flows in cells.
+    """
+    if int(grid) != grid or grid < 2:
+        raise ValueError(f"grid must be an integer >= 2 (points per side of the flow grid), got {grid}")
+    cell = 2.0 / (int(grid) - 1)  # one cell in grid_sample units
+    return float(lambda_mask), float(lambda_flow) * cell**2, float(lambda_smooth) * cell
+
+
 def sfnet_loss(flow_s: torch.Tensor, flow_t: torch.Tensor, mask_s: torch.Tensor, mask_t: torch.Tensor, *,
                lambda_mask: float = 3.0, lambda_flow: float = 16.0, lambda_smooth: float = 0.5) -> dict:
-    """Eq. 4 with section 4.1's weights. Returns {"loss", "mask", "flow", "smooth"} (scalar tensors)."""
+    """Eq. 4: ``lambda_mask L_mask + lambda_flow L_flow + lambda_smooth L_smooth`` on flows in cells. Returns
+    {"loss", "mask", "flow", "smooth"} (scalar tensors; only "loss" is the objective, the others are its
+    unweighted terms, for logging).
+
+    The defaults are section 4.1's numbers as printed, which belong to flows in grid_sample units: for the paper's
+    objective on cell flows pass ``sfnet_loss_weights(3, 16, 0.5, G)`` (module docstring).
+    """
     lm = mask_consistency_loss(flow_s, flow_t, mask_s, mask_t)
     lf = flow_consistency_loss(flow_s, flow_t, mask_s, mask_t)
     ls = smoothness_loss(flow_s, flow_t, mask_s, mask_t)

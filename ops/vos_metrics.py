@@ -16,9 +16,11 @@ Follows the DAVIS benchmark (Perazzi et al. 2016; ``davis2017-evaluation``), as 
 * matching within the disk is exact and batched: one k-d tree query over the (sparse) boundary pixels of all T
   frames, equivalent to counting boundary pixels inside the other boundary's disk dilation;
 * statistics of a per-frame series ``X`` (DAVIS's ``db_statistics``): mean = ``nanmean(X)``, recall =
-  ``nanmean(X > 0.5)``, decay = ``nanmean(bin_0) - nanmean(bin_3)`` with the four (overlapping by one frame)
-  quartile bins ``X[ids[i] : ids[i+1] + 1]``, ``ids = round(linspace(1, T, 5) + 1e-10) - 1``. Indices are int64:
-  the reference casts them to uint8 and so breaks for sequences longer than 256 frames; here any length works.
+  ``nanmean(X > 0.5)``, decay = ``nanmean(bin_0) - nanmean(bin_3)``. ``nan > 0.5`` is False, so a frame without a
+  value (nan) counts in the recall's denominator as a failure, while the mean and the decay leave it out. The
+  decay's four quartile bins (overlapping by one frame) are ``X[ids[i] : ids[i+1] + 1]``,
+  ``ids = round(linspace(1, T, 5) + 1e-10) - 1``. Indices are int64: the reference casts them to uint8 and so
+  breaks for sequences longer than 256 frames; here any length works.
 
 The official benchmark leaves out the first frame (given) and the last frame of every sequence; pass
 ``exclude_first_last=True`` to :func:`evaluate_sequence` for that protocol (the default scores every frame given).
@@ -165,14 +167,19 @@ def decay(values: Any, n_bins: int = 4) -> float:
 
 
 def sequence_statistics(values: Any, threshold: float = 0.5) -> dict:
-    """``{"mean", "recall", "decay"}`` of a per-frame series (DAVIS ``db_statistics``; nan frames ignored)."""
+    """``{"mean", "recall", "decay"}`` of a per-frame series (DAVIS ``db_statistics``).
+
+    A nan frame is left out of the mean and the decay but counts as a failure in the recall (``nan > threshold`` is
+    False over all ``T`` frames, as in DAVIS's ``nanmean(X > 0.5)``): a method cannot raise its recall by leaving
+    frames unscored. All frames nan: mean and decay nan, recall 0; no frames: all nan.
+    """
     x = np.asarray(values, dtype=np.float64).reshape(-1)
-    ok = ~np.isnan(x)
-    if not ok.any():
+    if x.size == 0:
         return {"mean": float("nan"), "recall": float("nan"), "decay": float("nan")}
+    ok = ~np.isnan(x)
     return {
-        "mean": float(x[ok].mean()),
-        "recall": float((x[ok] > threshold).mean()),
+        "mean": float(x[ok].mean()) if ok.any() else float("nan"),
+        "recall": float((x > threshold).mean()),  # nan > threshold is False: a failure, over all T frames
         "decay": decay(x),
     }
 

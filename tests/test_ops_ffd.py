@@ -9,9 +9,10 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
+from maskflow.models.ffdnet_config import FFDConfig
 from ops.ffd import (
-    FFDConfig,
     bspline_weights,
+    crop_resize,
     dual_mask_pooling,
     enlarge_boxes,
     ffd_displacement,
@@ -19,6 +20,7 @@ from ops.ffd import (
     ffd_grid,
     ffd_warp,
     mask_boxes,
+    paste_crops,
     weighted_roi_pool,
 )
 from ops.masks import decode_masks, encode_masks, rle_boxes
@@ -227,11 +229,59 @@ def test_enlarge_boxes_keeps_centre():
 
 
 def test_config_validation():
-    from maskflow.config import ConfigError
+    import subprocess
+    import sys
+
+    from maskflow import config
 
     assert FFDConfig().mesh_size == 13 and FFDConfig().grid_sizes == [30, 20]
-    with pytest.raises(ConfigError, match="mesh_size"):
-        FFDConfig(mesh_size=3)
+    with pytest.raises(config.ConfigError, match=r"^mesh_size: needs >= 4"):
+        config.build(FFDConfig, {"mesh_size": 3})
+    with pytest.raises(config.ConfigError, match=r"^context:"):
+        config.build(FFDConfig, {"context": 0.9})
+    # the config block loads without torch (a config error must print before torch loads)
+    probe = "import sys, maskflow.models.ffdnet_config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+def test_ops_reject_bad_settings_with_value_error(ped_mask):
+    h, w = ped_mask.shape
+    levels, boxes, masks = [torch.randn(1, 3, h // 4, w // 4)], mask_boxes(ped_mask[None]), ped_mask[None]
+    for bad, match in (({"context": 0.5}, "context"), ({"sampling_ratio": 0}, "sampling_ratio"),
+                       ({"grid_sizes": (30, 0)}, "grid sizes")):
+        with pytest.raises(ValueError, match=match):
+            dual_mask_pooling(levels, [0.25], boxes, masks, **bad)
+    with pytest.raises(ValueError, match="mesh_size"):
+        ffd_warp(masks[None], torch.zeros(1, 2, 3, 3))
+
+
+# --------------------------------------------------------------------------------------------- crops
+
+
+def test_crop_resize_and_paste_back_on_real_mask(ped_mask):
+    h, w = ped_mask.shape
+    planes = torch.stack([ped_mask, 1 - ped_mask])[:, None]  # (2, 1, H, W): two planes, picked by box row
+    whole = torch.tensor([[1.0, 0.0, 0.0, w, h]])
+    # a box over the whole plane at the plane's own size samples every pixel centre exactly: the identity
+    torch.testing.assert_close(crop_resize(planes, whole, (h, w))[0], planes[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(paste_crops(planes[1], whole, h, w), planes[1], atol=1e-4, rtol=0)  # float32 grid
+    # FFD-Net's training crop: the tight box enlarged 1.6x, 64 x 64; pasted back it is the mask again
+    crop_box = enlarge_boxes(mask_boxes(ped_mask[None]), 1.6)
+    crops = crop_resize(planes, torch.cat([crop_box, crop_box + torch.tensor([1.0, 0, 0, 0, 0])]), 64)
+    assert crops.shape == (2, 1, 64, 64) and crops.dtype == torch.float32
+    torch.testing.assert_close(crops[1], 1 - crops[0], atol=1e-6, rtol=0)  # the second row read plane 1
+    pasted = paste_crops(crops[:1, 0], crop_box, h, w)[0] > 0.5
+    fg = ped_mask > 0.5
+    assert (pasted & fg).sum() / (pasted | fg).sum() > 0.9
+    x1, y1, x2, y2 = crop_box[0, 1:].tolist()
+    outside = torch.ones_like(fg)
+    outside[max(0, int(y1)):int(y2) + 1, max(0, int(x1)):int(x2) + 1] = False
+    assert not pasted[outside].any()  # zero outside the box
+    # integer planes (a uint8 image) are resampled as float32; (K, 4) boxes paste like (K, 5) rows
+    image = (ped_mask * 200).to(torch.uint8)[None, None]
+    assert crop_resize(image, whole, (h, w)).dtype == torch.float32
+    mask_crop = crops[:1, 0]
+    torch.testing.assert_close(paste_crops(mask_crop, crop_box[:, 1:], h, w), paste_crops(mask_crop, crop_box, h, w))
 
 
 @CUDA

@@ -206,9 +206,11 @@ def test_correlation_identical_maps_peaks_at_zero_displacement():
     assert torch.allclose(diag, torch.ones_like(diag), atol=1e-5)  # L2-normalised features
     assert c.max() <= 1 + 1e-5
     assert torch.equal(hard_argmax(c), torch.zeros(2, 2, 6, 7))
-    # batched matmul == explicit dot products of normalised features
+    # batched matmul == explicit dot products of normalised features (clipped at 0 by default: tests/test_ops_sfnet.py)
     fn = F.normalize(f, dim=1)
-    assert torch.allclose(c[1, 2, 3, 4, 5], (fn[1, :, 2, 3] * fn[1, :, 4, 5]).sum(), atol=1e-6)
+    dot = (fn[1, :, 2, 3] * fn[1, :, 4, 5]).sum()
+    assert torch.allclose(correlation_4d(f, f, relu=False)[1, 2, 3, 4, 5], dot, atol=1e-6)
+    assert torch.allclose(c[1, 2, 3, 4, 5], dot.clamp_min(0), atol=1e-6)
     c2 = correlation_4d(f, torch.randn(2, 32, 6, 7, generator=gen))
     assert torch.allclose(combine_levels(c, c2), c * c2)
 

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from maskflow.data.pf_pascal import read_pf_pascal_pairs
 from ops.correspondence_metrics import (
     lt_acc,
     mask_iou_transfer,
     pck,
-    read_pf_pascal_pairs,
     stack_pair_keypoints,
     transfer_keypoints,
     warp_labels,
@@ -182,6 +182,17 @@ def test_decay_known_quartiles_and_davis_bins():
     assert decay(np.array([0.7])) == 0.0
 
 
+def test_recall_counts_nan_frames_as_failures():
+    # DAVIS db_statistics: R = nanmean(X > 0.5), and nan > 0.5 is False, so a frame without a value is a failure
+    # over all T frames (2 of 5 here, not 2 of the 3 scored frames); the mean leaves it out.
+    x = np.array([0.9, np.nan, 0.7, 0.2, np.nan])
+    st = sequence_statistics(x)
+    assert st["recall"] == pytest.approx(2 / 5) and st["recall"] == np.nanmean(x > 0.5)
+    assert st["mean"] == pytest.approx(np.nanmean(x))
+    unscored = sequence_statistics(np.full(4, np.nan))
+    assert unscored["recall"] == 0.0 and math.isnan(unscored["mean"]) and math.isnan(unscored["decay"])
+
+
 def test_long_sequence_300_frames():
     t, h, w = 300, 24, 32
     gt = np.zeros((t, h, w), dtype=bool)
@@ -274,7 +285,7 @@ def test_warp_labels_lt_acc_and_iou():
 
 def test_pf_pascal_real_pairs_identity_pck():
     path = _need(DATA / "pf_pascal_pairs") / "test_pairs.csv"
-    pairs = read_pf_pascal_pairs(path)
+    pairs = read_pf_pascal_pairs(str(path))
     assert len(pairs) == 299
     assert sum(len(p["source_kps"]) for p in pairs) == 2414
     assert all(p["source_kps"].shape == p["target_kps"].shape for p in pairs)
@@ -293,7 +304,7 @@ def test_pf_pascal_real_pairs_identity_pck():
     assert pck(tgt, tgt, valid=valid) == 1.0
     assert pck(src, tgt, alpha=0.2, valid=valid) >= v
     # train/val lists have a flip column and no keypoints
-    val = read_pf_pascal_pairs(path.parent / "val_pairs.csv")
+    val = read_pf_pascal_pairs(str(path.parent / "val_pairs.csv"))
     assert len(val) == 308 and "source_kps" not in val[0] and isinstance(val[0]["flip"], bool)
 
 

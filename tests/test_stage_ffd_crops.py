@@ -18,6 +18,7 @@ from maskflow.data import schema
 from maskflow.data.validate import decode_rle, encode_mask, rle_to_bytes
 from maskflow.stages import ffd_crops as fc
 from maskflow.stages.proposals import ProposalsConfig, ProposalsStage
+from ops.ffd import paste_crops
 from tests.test_shards import rewrite_shard
 
 pytestmark = pytest.mark.slow
@@ -147,7 +148,8 @@ def test_crops_keep_exactly_the_proposals_above_iou(crops_run, penn_fudan_maskrc
         assert (p & g).sum() / max((p | g).sum(), 1) >= iou - 0.05
         # Paste-back: the ground-truth crop, pasted into the image frame, is the ground-truth mask inside the box.
         gt_full = decode_rle(next(a for a in meta["annotations"] if a["id"] == ann_id)["segmentation"])
-        pasted = fc.paste_crops(torch.from_numpy(g).float()[None], [crop["crop_box"]], *gt_full.shape)[0] > 0.5
+        pasted = paste_crops(torch.from_numpy(g).float()[None], fc.crop_rois([crop["crop_box"]], [0]),
+                             *gt_full.shape)[0] > 0.5
         inside = np.zeros_like(gt_full)
         inside[max(0, int(np.ceil(y))):int(y + h), max(0, int(np.ceil(x))):int(x + w)] = True
         ref = gt_full & inside

@@ -9,7 +9,7 @@ the paper's formula to one position at a time (the same arithmetic, float32, CPU
 * ``kernel_soft_argmax`` on an (N, 20, 20, 20, 20) correlation (beta=50, sigma=5): per position, L2-normalise the
   20x20 slice, discrete argmax, Gaussian kernel, softmax(beta * k * n), expected coordinates minus p;
 * ``correlation_4d`` of two (N, C, 20, 20) feature maps: per source position, L2-normalise its feature and the
-  target features, dot with all target positions.
+  target features, dot with all target positions, clip at 0.
 
 Times are medians over ``--repeats`` runs (the loop side over ``max(1, repeats // 3)``) after one warm-up, with
 ``torch.set_num_threads(--threads)`` (1 by default: the dev box has 2 shared cores). Both sides' outputs are
@@ -67,7 +67,7 @@ def naive_correlation_4d(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
                 f = fa[n, :, y, x]
                 f = f / f.norm().clamp_min(1e-12)
                 g = fb[n] / fb[n].norm(dim=0, keepdim=True).clamp_min(1e-12)
-                out[n, y, x] = (f.view(C, 1, 1) * g).sum(0)
+                out[n, y, x] = (f.view(C, 1, 1) * g).sum(0).clamp_min(0)  # cosines clipped at 0 (the default)
     return out
 
 

@@ -1,21 +1,22 @@
-"""FFD-crops stage: FFD-Net's training examples (000_b890a838f4d0d4ed.txt, section 3.3 "Training Examples").
+"""FFD-crops stage: FFD-Net's training examples (Zhang & He, ICCV 2017, section 3.3 "Training Examples").
 
 From ``proposals`` samples (``input.proposals``: one or more proposal-stage outputs, from any generator — Mask R-CNN
 or SharpMask write the same schema) and their ground truth, every proposal whose mask IoU with its best
 ground-truth instance is greater than ``crops.min_iou`` (0.5 in the paper) becomes one sample: the image, the
 proposal mask and that ground-truth mask cropped with the proposal's tight box enlarged ``crops.enlarge`` (1.6x)
 in height and width about its centre, resized to ``crops.size`` x ``crops.size``. The crop box, image id, proposal
-index and IoU are kept so a refined mask can be pasted back (:func:`paste_crops`) for AR evaluation. One output
+index and IoU are kept so a refined mask can be pasted back (:func:`ops.ffd.paste_crops`) for AR evaluation. One output
 shard per input shard.
 
 Geometry (COCO's continuous pixel coordinates: pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``):
 
 * tight box: the proposal mask's ``[x, y, w, h]`` (pycocotools ``toBbox``), not the detector's box;
 * crop box: same centre, ``w * enlarge`` by ``h * enlarge``; it may reach past the image, where the crop is zero;
-* resampling: ``torchvision.ops.roi_align(aligned=True)`` with adaptive sampling (each output cell averages about
-  ``box / size`` samples a side, so large boxes are area-averaged, not aliased); masks are resampled as {0, 1}
-  floats and thresholded at ``crops.mask_threshold``;
-* paste-back is the inverse map: image pixel centre ``p`` reads the crop at ``(p - box origin) / box size * size``.
+* resampling: :func:`ops.ffd.crop_resize` (``roi_align(aligned=True)`` with adaptive sampling: each output cell
+  averages about ``box / size`` samples a side, so large boxes are area-averaged, not aliased); masks are resampled
+  as {0, 1} floats and thresholded at ``crops.mask_threshold``;
+* paste-back is the inverse map (:func:`ops.ffd.paste_crops`): image pixel centre ``p`` reads the crop at
+  ``(p - box origin) / box size * size``.
 
 Ground truth: non-crowd annotations only (a crowd region is no instance to register a proposal to). IoU is
 recomputed from the masks (pycocotools), not trusted from the input. Counts, per job: ``images``, ``proposals``
@@ -52,6 +53,7 @@ from maskflow.stage import Count, Plan, Reject, Stage, WorkUnit, plan_shard_unit
 from maskflow.stages.ffd_crops_config import (  # noqa: F401  (re-exported)
     CropSettings, FFDCropsConfig, FFDCropsInputConfig)
 from maskflow.stages.inputs import read_proposals, unit_image_samples
+from ops.ffd import crop_resize
 from ops.masks import decode_masks, mask_iou
 
 IMAGE = "image.png"
@@ -80,37 +82,12 @@ def crop_boxes(tight: np.ndarray, enlarge: float) -> np.ndarray:
     return np.concatenate([centre - size / 2, size], axis=1)
 
 
-def _xyxy(boxes: np.ndarray) -> torch.Tensor:
+def crop_rois(boxes: np.ndarray, plane_index: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(K, 4) ``[x, y, w, h]`` crop boxes of planes ``plane_index`` -> the ``(K, 5)`` ``[plane, x1, y1, x2, y2]``
+    float32 rows of :func:`ops.ffd.crop_resize` / :func:`ops.ffd.paste_crops`."""
     b = torch.as_tensor(np.asarray(boxes, np.float64).reshape(-1, 4), dtype=torch.float32)
-    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
-
-
-def crop_resize(planes: torch.Tensor, plane_index: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
-    """Crop box ``k`` out of plane ``plane_index[k]`` of ``planes`` (N, C, H, W) and resize it to ``size``:
-    (K, C, size, size) float. Zero outside the planes."""
-    from torchvision.ops import roi_align
-
-    rois = torch.cat([plane_index.to(torch.float32)[:, None], _xyxy(boxes)], dim=1)
-    return roi_align(planes.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
-                     aligned=True)
-
-
-def paste_crops(crops: torch.Tensor, boxes: np.ndarray, height: int, width: int, chunk: int = 16) -> torch.Tensor:
-    """Crops (K, S, S) (a refined mask per crop box) back into the image frame: (K, height, width) float, bilinear,
-    zero outside each box. The inverse of :func:`crop_resize`'s sampling."""
-    crops = crops.float()
-    boxes = torch.as_tensor(np.asarray(boxes, np.float64).reshape(-1, 4), dtype=torch.float32)
-    ys = torch.arange(height, dtype=torch.float32) + 0.5
-    xs = torch.arange(width, dtype=torch.float32) + 0.5
-    out = torch.zeros((len(crops), height, width))
-    for start in range(0, len(crops), chunk):
-        b = boxes[start:start + chunk]
-        gx = 2 * (xs[None, :] - b[:, 0:1]) / b[:, 2:3] - 1  # (k, W) normalised crop coordinates
-        gy = 2 * (ys[None, :] - b[:, 1:2]) / b[:, 3:4] - 1  # (k, H)
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (k, H, W, 2)
-        out[start:start + chunk] = torch.nn.functional.grid_sample(
-            crops[start:start + chunk, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
-    return out
+    plane = torch.as_tensor(plane_index).to(torch.float32).reshape(-1, 1)
+    return torch.cat([plane, b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
 
 
 # --------------------------------------------------------------------------------------------- one image
@@ -162,14 +139,15 @@ def image_crops(key: str, image: torch.Tensor, meta: dict, props: dict, s: CropS
     gt_of = best_gt[kept]
     boxes = crop_boxes(tight[idx], s.enlarge)
     same_image = torch.zeros(len(idx), dtype=torch.long)
-    pixels = crop_resize(image[None], same_image, boxes, s.size).round().clamp(0, 255).to(torch.uint8)
+    pixels = crop_resize(image[None], crop_rois(boxes, same_image), s.size).round().clamp(0, 255).to(torch.uint8)
     gt_planes = torch.from_numpy(decode_masks([a["segmentation"] for a in gts], H, W)).float()[:, None]
-    gt_crops = crop_resize(gt_planes, torch.from_numpy(gt_of), boxes, s.size)[:, 0] > s.mask_threshold
+    gt_crops = crop_resize(gt_planes, crop_rois(boxes, gt_of), s.size)[:, 0] > s.mask_threshold
     prop_crops = torch.empty((len(idx), s.size, s.size), dtype=torch.bool)
     for start in range(0, len(idx), MASK_CHUNK):
         part = slice(start, start + MASK_CHUNK)
         planes = torch.from_numpy(decode_masks([segs[i] for i in idx[part]], H, W)).float()[:, None]
-        prop_crops[part] = crop_resize(planes, torch.arange(len(planes)), boxes[part], s.size)[:, 0] > s.mask_threshold
+        rois = crop_rois(boxes[part], torch.arange(len(planes)))
+        prop_crops[part] = crop_resize(planes, rois, s.size)[:, 0] > s.mask_threshold
     scores = props["scores"]
     for n, (i, g) in enumerate(zip(idx.tolist(), gt_of.tolist())):
         gt = gts[g]
