@@ -72,6 +72,64 @@ def test_penn_fudan_counts_and_mask_round_trip():
     assert Path(images_uri, coco["images"][0]["file_name"]).is_file()
 
 
+def test_dlib_faces_masks_and_landmarks():
+    root = data_dir("dlib_faces_landmarks")
+    coco, images_uri = convert.dlib_faces_to_coco(str(root))
+    assert images_uri == str(root) and coco["info"]["skipped"] == []
+    # 4 training + 5 testing photos, 18 + 25 hand-drawn face boxes, 68 machine-made landmarks each (SOURCES.md)
+    assert len(coco["images"]) == 9 and len(coco["annotations"]) == 43
+    assert [c["name"] for c in coco["categories"]] == ["face"]
+    assert [img["file_name"] for img in coco["images"]] == sorted(p.name for p in root.glob("*.jpg"))
+    faces = collections.Counter(a["image_id"] for a in coco["annotations"])
+    for img in coco["images"]:
+        width, height = Image.open(root / img["file_name"]).size
+        assert (img["width"], img["height"]) == (width, height)
+        kps = np.asarray(img["keypoints"])
+        assert kps.shape == (68 * faces[img["id"]], 2)
+        assert (kps >= 0).all() and (kps[:, 0] <= width - 1).all() and (kps[:, 1] <= height - 1).all()
+    # the first training face, box (left 194, top 90, 37 x 37), and its first landmark (part 00 at 201, 107)
+    first = next(a for a in coco["annotations"] if a["image_id"] == 1)
+    assert first["bbox"] == [194.0, 90.0, 37.0, 37.0] and coco["images"][0]["keypoints"][0] == [201.0, 107.0]
+    for ann in coco["annotations"]:
+        mask = decode_rle(ann["segmentation"])
+        x, y, w, h = ann["bbox"]
+        assert mask.any() and ann["area"] == mask.sum()
+        assert ann["area"] == pytest.approx(np.pi * w * h / 4, rel=0.05)  # the ellipse inscribed in the box
+    # each face's landmarks gather on its mask (jaw and brows reach past the inscribed ellipse): most inside it
+    inside = []
+    for img in coco["images"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
+        kps = np.asarray(img["keypoints"]).round().astype(int).reshape(len(anns), 68, 2)
+        for ann, pts in zip(anns, kps):
+            inside.append(decode_rle(ann["segmentation"])[pts[:, 1], pts[:, 0]].mean())
+    assert np.mean(inside) > 0.7
+
+    boxes, _ = convert.dlib_faces_to_coco(str(root), ["training"], face_shape="box")
+    assert len(boxes["images"]) == 4 and len(boxes["annotations"]) == 18
+    assert all(a["area"] == a["bbox"][2] * a["bbox"][3] for a in boxes["annotations"])
+
+
+def test_dlib_faces_skips_with_reasons(tmp_path):
+    root = data_dir("dlib_faces_landmarks")
+    text = (root / "training_with_face_landmarks.xml").read_text(encoding="iso-8859-1")
+    text = text.replace("<box top='90' left='194' width='37' height='37'>",
+                        "<box top='90' left='194' width='37' height='37' ignore='1'>", 1)
+    text = text.replace("      <part name='67' x='174' y='144'/>\n", "", 1)  # the second face loses a landmark
+    (tmp_path / "training_with_face_landmarks.xml").write_text(text, encoding="iso-8859-1")
+    for name in ("2007_007763.jpg", "2008_002079.jpg", "2008_001009.jpg"):  # 2008_001322.jpg is missing
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    coco, _ = convert.dlib_faces_to_coco(str(tmp_path), ["training"])
+    xml = "training_with_face_landmarks.xml"
+    assert [(s["key"], s["reason"]) for s in coco["info"]["skipped"]] == [
+        (f"{xml}:2007_007763.jpg:box0", "box marked ignore"),
+        (f"{xml}:2007_007763.jpg:box1", "67 landmarks, not 68"),
+        ("2008_001322.jpg", "missing image file")]
+    assert len(coco["images"]) == 3 and len(coco["annotations"]) == 18 - 3 - 2
+    assert len(coco["images"][0]["keypoints"]) == 68 * 5
+    with pytest.raises(ValueError, match="split"):
+        convert.dlib_faces_to_coco(str(root), ["validation"])
+
+
 def test_coco128_polygons_inside_images():
     root = data_dir("coco128_seg")
     images_dir, labels_dir = root / "images" / "train2017", root / "labels" / "train2017"
@@ -384,3 +442,19 @@ def test_synthetic_and_coco_io_through_s3(s3_options, s3_bucket):
     assert rejects == [] and records[0]["file_uri"] == f"{root}/images/val/000000000100.png"
     pixels = decode_image(storage.read_bytes(records[0]["file_uri"], s3_options))
     assert np.array_equal(pixels.permute(1, 2, 0).numpy(), synthetic.render_image(4, 100)[0])
+
+
+def test_pf_pascal_pairs_through_s3(s3_options, s3_bucket):
+    from maskflow import storage
+    from maskflow.data.pf_pascal import read_pf_pascal_pairs
+
+    local = data_dir("pf_pascal_pairs") / "test_pairs.csv"
+    uri = f"s3://{s3_bucket}/pf_pascal/test_pairs.csv"
+    storage.write_bytes(uri, local.read_bytes(), s3_options)
+    remote, here = read_pf_pascal_pairs(uri, s3_options), read_pf_pascal_pairs(str(local))
+    assert len(remote) == len(here) == 299
+    assert all(np.array_equal(a["target_kps"], b["target_kps"]) and a["source_image"] == b["source_image"]
+               for a, b in zip(remote, here))
+    storage.write_bytes(uri, b"source_image,target_image\na.jpg,b.jpg\n", s3_options)
+    with pytest.raises(ValueError, match="expected columns"):
+        read_pf_pascal_pairs(uri, s3_options)

@@ -1,10 +1,13 @@
 """Affine-pairs stage on real data: Penn-Fudan images -> image shards on the moto S3 endpoint -> synthetic pairs,
-read back through Ray Data; the stored ground-truth flow really maps the source onto the target."""
+read back through Ray Data; the stored ground-truth flow really maps the source onto the target. Several pairs per
+image are independent draws (pair 0 unchanged); dlib's face landmarks travel from the converter through ingest to
+the pairs' targets."""
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,22 +16,26 @@ from PIL import Image
 
 from maskflow import config, shards, stage, storage
 from maskflow.data import schema
-from maskflow.data.coco import load_coco_json, write_coco_json
+from maskflow.data.coco import image_records, load_coco_json, write_coco_json
+from maskflow.data.convert import dlib_faces_to_coco
 from maskflow.data.validate import encode_mask
 from maskflow.stages import affine_pairs as ap
+from maskflow.stages.ingest import image_sample
 from ops import warp as W
+from ops.geometry import draw_affine, sample_points
 from tests.test_ingest import run_ingest
 
 NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def chw(png: bytes) -> torch.Tensor:
-    a = ap.load_png(png).astype(np.float32)
+    a = schema.load_png(png).astype(np.float32)
     return torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))[None]  # (1, C, H, W)
 
 
 def flow(npy: bytes) -> torch.Tensor:
-    f = ap.load_npy(npy)
+    f = schema.load_npy(npy)
     assert f.dtype == np.float32 and f.ndim == 3 and f.shape[0] == 2
     return torch.from_numpy(f)[None]
 
@@ -187,7 +194,7 @@ def test_elastic_pairs_invert_and_carry_keypoints(fudan_ped1):
     kp = pair["keypoints"]
     assert kp["source"] == meta["keypoints"] and len(kp["target"]) == 3
     inside = np.array(kp["inside"])
-    back = ap.sample_points(f_t2s, np.array(kp["target"])[inside])
+    back = sample_points(f_t2s, np.array(kp["target"])[inside])
     assert np.abs(back - np.array(kp["source"])[inside]).max() < 0.05
     # Colour jitter touches the target image only: same geometry, same masks, same flows.
     jittered = ap.make_pair("k", image, meta, config.build(ap.PairSettings, {
@@ -199,3 +206,72 @@ def test_elastic_pairs_invert_and_carry_keypoints(fudan_ped1):
     # No foreground: rejected with its reason.
     reject = ap.make_pair("k", image, {**meta, "annotations": []}, settings)
     assert isinstance(reject, stage.Reject) and reject.reason == ap.NO_FOREGROUND
+
+
+def test_several_pairs_per_image_are_independent_draws(fudan_ped1):
+    image, meta = fudan_ped1
+    single = ap.make_pair("k", image, meta, config.build(ap.PairSettings, {"seed": 3, **NO_JITTER}))
+    settings = config.build(ap.PairSettings, {"seed": 3, "per_image": 3, **NO_JITTER})
+    pairs = ap.make_pairs("k", image, meta, settings)
+    assert [p["__key__"] for p in pairs] == ["k_000", "k_001", "k_002"]
+    # Pair 0 is the one pair of a per_image = 1 run, byte for byte: outputs made before the setting stay valid.
+    for name in ap.FIELDS:
+        assert schema.dumps(pairs[0][name]) == schema.dumps(single[name]) if name == ap.PAIR else \
+            pairs[0][name] == single[name], name
+    assert "pair_index" not in pairs[0][ap.PAIR] and [p[ap.PAIR]["pair_index"] for p in pairs[1:]] == [1, 2]
+    # Different draws of one image: same source, different warp, target and flows; each draw comes from
+    # default_rng([seed, image_id, k]) and is a consistent pair on its own.
+    assert len({p[ap.SOURCE] for p in pairs}) == 1
+    assert len({p[ap.TARGET] for p in pairs}) == len({p[ap.FLOW_T2S] for p in pairs}) == 3
+    assert len({schema.dumps(p[ap.PAIR]["params"]) for p in pairs}) == 3
+    for k, p in enumerate(pairs):
+        pair = p[ap.PAIR]
+        M, params = draw_affine(np.random.default_rng([3, 1, k]), pair["height"], pair["width"], flip_prob=0.5)
+        assert params == pair["params"] and np.allclose(M[:2], pair["affine_s2t"])
+        f_t2s, src, tgt = flow(p[ap.FLOW_T2S]), chw(p[ap.SOURCE]), chw(p[ap.TARGET])
+        assert (W.warp(src, f_t2s) - tgt).abs().amax(1)[0][W.valid_mask(f_t2s)[0, 0] > 0].max() <= 0.5 + 1e-3
+    # An image without foreground is one reject, not one per pair.
+    reject = ap.make_pairs("k", image, {**meta, "annotations": []}, settings)
+    assert isinstance(reject, stage.Reject) and reject.reason == ap.NO_FOREGROUND
+    # The job fingerprint of one pair per image is the one it had before per_image existed.
+    cfg = config.build(ap.AffinePairsConfig, {"input": {"shards": "unused"}, "output": {"uri": "unused"}})
+    assert "per_image" not in ap.AffinePairsStage(cfg).fingerprint_config()["pairs"]
+    cfg.pairs.per_image = 3
+    assert ap.AffinePairsStage(cfg).fingerprint_config()["pairs"]["per_image"] == 3
+    with pytest.raises(config.ConfigError, match="^pairs.per_image:"):
+        config.build(ap.AffinePairsConfig, {"input": {"shards": "x"}, "output": {"uri": "y"}, "pairs": {"per_image": 0}})
+
+
+def test_face_landmarks_travel_from_converter_through_ingest_to_pairs(shared_data, tmp_path):
+    """dlib faces -> COCO -> ingest's image samples (landmarks in the meta) -> one input shard -> the stage's
+    process() with the HSTN faces settings (elastic, no flips, several pairs per image). No Ray needed."""
+    coco, images = dlib_faces_to_coco(str(shared_data / "dlib_faces_landmarks"), ["training"])
+    records, rejects = image_records(coco, images)
+    assert rejects == [] and len(records) == 4
+    samples = [s for r in records[:2] for s in image_sample(r, "dlib_faces", storage.DEFAULT_OPTIONS)
+               if isinstance(s, dict)]
+    assert [len(s[schema.META]["keypoints"]) for s in samples] == [7 * 68, 2 * 68]
+    assert samples[0][schema.META]["keypoints"] == coco["images"][0]["keypoints"]
+    shard = shards.write_shard(str(tmp_path / "shard-000000.tar"), samples)
+    unit = stage.WorkUnit(0, [stage.InputShard(str(tmp_path / "shard-000000.tar"), shard["keys"], shard["samples"],
+                                               sample_sha256=shard["sample_sha256"])], expected_inputs=2)
+    faces = config.load_yaml(str(CONF / "affine_pairs" / "hstn_faces.yaml"))["pairs"]
+    cfg = config.build(ap.AffinePairsConfig, {"input": {"shards": str(tmp_path)}, "output": {"uri": "unused"},
+                                              "pairs": {**faces, "per_image": 2}})
+    pairs = list(ap.AffinePairsStage(cfg).process(unit))
+    assert [p["__key__"] for p in pairs] == [f"{schema.sample_key(i)}_{k:03d}" for i in (1, 2) for k in (0, 1)]
+    for p in pairs:
+        pair = p[ap.PAIR]
+        assert pair["params"]["flip"] is False and pair["elastic"]["inverse_max_residual_px"] < 1e-2
+        kp = pair["keypoints"]
+        source, target, inside = np.array(kp["source"]), np.array(kp["target"]), np.array(kp["inside"])
+        assert len(source) == len(target) == len(inside) == 68 * (7 if pair["image_id"] == 1 else 2)
+        assert inside.mean() > 0.9
+        # the landmarks land where the ground truth says: flow_t2s at each target point leads back to its source
+        # point, and they sit on the warped face masks about as often as on the source's
+        back = sample_points(flow(p[ap.FLOW_T2S]), target[inside])
+        assert np.abs(back - source[inside]).max() < 0.05
+        on_mask = [(schema.load_png(p[m]) > 0)[pts[:, 1], pts[:, 0]].mean()
+                   for m, pts in ((ap.SOURCE_MASK, source[inside].round().astype(int)),
+                                  (ap.TARGET_MASK, target[inside].round().astype(int)))]
+        assert on_mask[0] > 0.7 and abs(on_mask[1] - on_mask[0]) < 0.1

@@ -74,8 +74,9 @@ def _image_problem(img: dict) -> str | None:
 def image_records(coco: dict, images_uri: str) -> tuple[list[dict], list[dict]]:
     """``(records, rejects)``: one record per usable image, sorted by image_id, with its raw annotations.
 
-    A record is ``{"image_id", "file_name", "file_uri", "height", "width", "annotations"}`` plus ``video_id`` and
-    ``frame_index`` when the image has them. A reject is ``{"kind": "image"|"annotation", "key", "reason"}``.
+    A record is ``{"image_id", "file_name", "file_uri", "height", "width", "annotations"}`` plus ``video_id``,
+    ``frame_index`` and ``keypoints`` (a list of ``[x, y]`` pixels) when the image has them. A reject is
+    ``{"kind": "image"|"annotation", "key", "reason"}``.
     """
     from pycocotools.coco import COCO
 
@@ -134,7 +135,7 @@ def image_records(coco: dict, images_uri: str) -> tuple[list[dict], list[dict]]:
             "width": int(img["width"]),
             "annotations": list(index.imgToAnns.get(img_id, [])),
         }
-        for extra in ("video_id", "frame_index"):
+        for extra in ("video_id", "frame_index", "keypoints"):
             if extra in img:
                 rec[extra] = img[extra]
         records.append(rec)

@@ -1,4 +1,5 @@
-"""Converters of real data sets (in their original layouts) to COCO instances dicts.
+"""Converters of real data sets (in their original layouts) to COCO instances dicts: Penn-Fudan, YOLO-seg, VOC
+SegmentationObject, DAVIS 2016 (a COCO-video dict) and dlib's face examples (face masks plus 68-point landmarks).
 
 Each returns ``(coco_dict, images_uri)``; every ``file_name`` is relative to ``images_uri``. Ids are deterministic:
 images are numbered 1..N in sorted file-name order, annotations 1..M in image order. Masks become compressed RLE
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -341,3 +342,117 @@ def davis_to_coco(
     coco = _coco(images, annotations, categories, skipped, "DAVIS 2016")
     coco["videos"] = videos
     return coco, images_uri
+
+
+# --------------------------------------------------------------------------------------------- dlib faces
+
+DLIB_SPLITS = ("training", "testing")
+DLIB_LANDMARKS = 68  # iBUG 300-W 68-point scheme (dlib's shape_predictor_68_face_landmarks)
+
+
+def face_masks(boxes: np.ndarray, height: int, width: int, shape: str = "ellipse") -> np.ndarray:
+    """(F, H, W) bool foreground of ``(F, 4)`` ``[x, y, w, h]`` face boxes in COCO's continuous pixel coordinates
+    (pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``): ``shape="ellipse"`` the ellipse inscribed in each box
+    (a face is round; the box corners are background), ``"box"`` the filled box. A pixel is inside when its centre
+    ``(j + 0.5, i + 0.5)`` is; parts of a box beyond the image are cut off."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    x0, y0, w, h = (boxes[:, k, None, None] for k in range(4))  # each (F, 1, 1)
+    xs = np.arange(width, dtype=np.float64)[None, None, :] + 0.5
+    ys = np.arange(height, dtype=np.float64)[None, :, None] + 0.5
+    if shape == "ellipse":
+        u = (xs - (x0 + w / 2)) / np.maximum(w / 2, 1e-9)
+        v = (ys - (y0 + h / 2)) / np.maximum(h / 2, 1e-9)
+        return u * u + v * v <= 1.0
+    if shape == "box":
+        return (xs >= x0) & (xs < x0 + w) & (ys >= y0) & (ys < y0 + h)
+    raise ValueError(f'shape must be "ellipse" or "box", got {shape!r}')
+
+
+def _dlib_images(xml_text: bytes, xml_name: str) -> Iterator[tuple[str, dict, list, list[dict]]]:
+    """``(file, image attributes, [(box attributes, parts)], skipped)`` per ``<image>`` of a dlib imglab XML."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(xml_text)
+    for image in root.iter("image"):
+        faces, skipped = [], []
+        for n, box in enumerate(image.iter("box")):
+            key = f"{xml_name}:{image.get('file')}:box{n}"
+            if box.get("ignore") == "1":
+                skipped.append({"key": key, "reason": "box marked ignore"})
+                continue
+            parts = sorted(((p.get("name", ""), float(p.get("x")), float(p.get("y"))) for p in box.iter("part")),
+                           key=lambda p: int(p[0]) if p[0].isdigit() else p[0])
+            faces.append((key, box.attrib, [(x, y) for _, x, y in parts]))
+        yield image.get("file", ""), dict(image.attrib), faces, skipped
+
+
+def dlib_faces_to_coco(root: str, splits: Sequence[str] = DLIB_SPLITS, face_shape: str = "ellipse",
+                       options: StorageOptions = DEFAULT_OPTIONS) -> tuple[dict, str]:
+    """dlib's face examples (``examples/faces``: photos with hand-drawn face boxes and machine-made 68-point landmarks
+    in imglab XML) to COCO, for planar face alignment (HSTN) and real landmark transfer (SFNet's evaluation).
+
+    Reads ``<split>_with_face_landmarks.xml`` for each of ``splits`` (``training``, ``testing``). Each face box
+    (``left``, ``top``, ``width``, ``height``: whole pixels, so ``bbox = [left, top, width, height]``) becomes one
+    ``face`` annotation whose mask is the ellipse inscribed in the box (``face_shape="box"``: the filled box), as RLE;
+    the foreground the affine-pairs stage warps. The landmarks go into the image record as ``keypoints``: a list of
+    ``[x, y]`` pixels (dlib's part coordinates: pixel centres at integers, the project's keypoint convention), 68 per
+    face in the iBUG 300-W order, faces in annotation order (face ``j``'s points are ``keypoints[68 j : 68 j + 68]``).
+    The ingest stage keeps them in the image meta and the affine-pairs stage carries them to the target.
+
+    Left out, with a reason in ``info.skipped``: a box marked ``ignore``, a face without exactly 68 landmarks or with a
+    landmark outside the image, a box that leaves no pixel in the image, an image whose file is unreadable or whose
+    size differs from the XML's, an image listed in two splits (kept in the first).
+    """
+    listed: dict[str, tuple[dict, list]] = {}
+    skipped: list[dict] = []
+    for split in splits:
+        if split not in DLIB_SPLITS:
+            raise ValueError(f"split must be one of {DLIB_SPLITS}, got {split!r}")
+        xml_name = f"{split}_with_face_landmarks.xml"
+        xml_text = storage.read_bytes(storage.join(root, xml_name), options)
+        for file_name, attrs, faces, dropped in _dlib_images(xml_text, xml_name):
+            skipped += dropped
+            if file_name in listed:
+                skipped.append({"key": f"{xml_name}:{file_name}", "reason": "image listed in an earlier split"})
+                continue
+            listed[file_name] = (attrs, faces)
+    images, annotations = [], []
+    for image_id, file_name in enumerate(sorted(listed), start=1):
+        attrs, faces = listed[file_name]
+        try:
+            width, height = _open_image(storage.join(root, file_name), options).size
+        except FileNotFoundError:
+            skipped.append({"key": file_name, "reason": "missing image file"})
+            continue
+        except ValueError as e:
+            skipped.append({"key": file_name, "reason": str(e)})
+            continue
+        if (int(attrs.get("width", width)), int(attrs.get("height", height))) != (width, height):
+            skipped.append({"key": file_name, "reason": f"image is {width}x{height} but the XML says "
+                                                        f"{attrs.get('width')}x{attrs.get('height')}"})
+            continue
+        boxes, points = [], []
+        for key, box, parts in faces:
+            xy = np.asarray(parts, np.float64).reshape(-1, 2)
+            if len(xy) != DLIB_LANDMARKS:
+                skipped.append({"key": key, "reason": f"{len(xy)} landmarks, not {DLIB_LANDMARKS}"})
+                continue
+            if not ((xy >= 0).all() and (xy[:, 0] <= width - 1).all() and (xy[:, 1] <= height - 1).all()):
+                skipped.append({"key": key, "reason": "landmark outside the image"})
+                continue
+            boxes.append([float(box[k]) for k in ("left", "top", "width", "height")])
+            points.append((key, xy))
+        masks = face_masks(np.asarray(boxes).reshape(-1, 4), height, width, face_shape)
+        keep = masks.reshape(len(masks), -1).any(1)
+        skipped += [{"key": key, "reason": "face box has no pixel in the image"}
+                    for (key, _), k in zip(points, keep) if not k]
+        kept = [xy for (_, xy), k in zip(points, keep) if k]
+        first = len(annotations) + 1
+        anns = annotations_from_masks(masks[keep], list(range(first, first + len(kept))), [1] * len(kept))
+        for ann in anns:
+            ann["image_id"] = image_id
+        annotations += anns
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width,
+                       "keypoints": [[float(x), float(y)] for xy in kept for x, y in xy]})
+    categories = [{"id": 1, "name": "face", "supercategory": "person"}]
+    return _coco(images, annotations, categories, skipped, "dlib face examples (68-point landmarks)"), root

@@ -1,40 +1,44 @@
 """Affine-pairs stage: synthetic (source, target) training pairs with ground-truth dense flow, from single images.
 
-SFNet (003_4623d347ef58f6a0.txt sec. 4.2) trains on pairs made from one image and a random affine warp of it, the
+SFNet (Lee et al., CVPR 2019, sec. 4.2) trains on pairs made from one image and a random affine warp of it, the
 foreground mask (union of *all* labelled instances, category ignored) warped with the same parameters, augmented by
-horizontal flips and colour jitter. HSTN (002_4a8c6362d89f6ac7.txt sec. 4.2) aligns planar images warped by a random
-linear transformation plus an elastic deformation: ``pairs.elastic_amplitude > 0`` adds one on top of the affine.
+horizontal flips and colour jitter. HSTN (Shu et al., "Hierarchical Spatial Transformer Network", 2018, sec. 4.2)
+aligns planar face images warped by a random linear transformation plus an elastic deformation:
+``pairs.elastic_amplitude > 0`` adds one on top of the affine (``conf/affine_pairs/hstn_faces.yaml``).
 
 Input is a stage output of ``image`` samples (``input.shards``); one output shard per input shard. An image whose
-annotations rasterise to an empty union is rejected (``"image has no foreground"``).
+annotations rasterise to an empty union is rejected (``"image has no foreground"``), once for all its pairs.
 
-Geometry (the conventions of :mod:`ops.warp`: pixel centres at integer ``(x, y)``, flows ``(2, H, W)`` in pixels,
-channel 0 = dx, backward warping ``warp(x, F)(p) = x(p + F(p))``). Source and target share the source's size.
+Several pairs per image: ``pairs.per_image = n`` makes ``n`` pairs of every image, each an independent draw of the
+warp (and jitter), so a training epoch over the output sees ``n`` different warps of each image rather than one fixed
+pair. With ``n = 1`` (the default) the output is exactly that of the stage before the setting existed.
 
-* ``M`` (``affine_s2t``) maps a source pixel to its target location: ``M = T(c + t) R(rot) Sh(shear) S(scale) T(-c)
-  Flip``, ``c`` the image centre, ``Flip: x -> W - 1 - x`` when flipped (so a flip is part of the ground truth).
-* Elastic (optional): ``D``, a smooth random displacement on the target grid (random control displacements in
-  ``[-amplitude, amplitude]`` px every ``elastic_spacing`` px, bicubically interpolated).
-* ``phi_t2s(p) = M^-1 (p + D(p))`` (``D = 0`` without elastic): where target pixel ``p`` comes from in the source;
-  ``flow_t2s(p) = phi_t2s(p) - p`` and ``target = warp(source, flow_t2s)`` (bilinear, zeros outside the source).
-* ``phi_s2t = phi_t2s^-1``, ``flow_s2t(p) = phi_s2t(p) - p`` on the source grid. Affine only: exact (``M``). With
-  elastic: ``phi_s2t(p) = q + E``, ``q = M p``, where ``q + E = (id + D)^-1 (q)`` is found at each ``q`` by the
-  fixed-point iteration ``E <- -D(q + E)`` (a contraction: the config keeps ``|grad D| <= 0.75``); the max residual
-  ``|phi_t2s(phi_s2t(p)) - p|`` over source pixels that land inside the target is recorded in ``pair.json``
-  (~3e-4 px on Penn-Fudan at amplitude 8 / spacing 32). The other round trip, ``compose(flow_s2t, flow_t2s)``,
-  reads the non-affine ``flow_s2t`` bilinearly between pixels: ~0.15 px max there (exact for affine pairs).
+Geometry: :mod:`ops.geometry` (``M`` = ``affine_s2t`` maps a source pixel to its target location, flip included;
+optional elastic ``D`` on the target grid; ``phi_t2s(p) = M^-1 (p + D(p))``; ``flow_s2t`` its inverse, numerical
+with elastic, with the max inverse residual recorded), in the conventions of :mod:`ops.warp`: pixel centres at
+integer ``(x, y)``, flows ``(2, H, W)`` in pixels, channel 0 = dx, backward warping ``warp(x, F)(p) = x(p + F(p))``.
+Source and target share the source's size.
+
+* ``target = warp(source, flow_t2s)`` (bilinear, zeros outside the source); the residual of the elastic inverse is
+  ~3e-4 px on Penn-Fudan at amplitude 8 / spacing 32. The other round trip, ``compose(flow_s2t, flow_t2s)``, reads
+  the non-affine ``flow_s2t`` bilinearly between pixels: ~0.15 px max there (exact for affine pairs).
 * Valid region: target pixels whose source location is inside the source, ``ops.warp.valid_mask(flow_t2s)``
   (outside it the target image and mask are 0). Likewise ``valid_mask(flow_s2t)`` on the source.
 * Masks are warped like the image (bilinear on {0, 1}) and thresholded at 0.5.
 * Colour jitter (target only, after the warp; torchvision's ``adjust_brightness``, ``adjust_contrast``,
   ``adjust_saturation`` in that order, each factor uniform in ``[1 - j, 1 + j]``): the geometry check
   ``warp(source, flow_t2s) == target`` holds exactly (to uint8 rounding) only with jitter off.
+* Keypoints: when the image meta has ``keypoints`` (a list of ``[x, y]`` source pixels, e.g. the dlib face
+  landmarks of ``maskflow.data.convert.dlib_faces_to_coco``), each is carried to the target by ``flow_s2t``.
 
-Reproducibility: every random draw of a sample comes from ``np.random.default_rng([seed, image_id])`` in a fixed
-order (affine, flip, jitter, then elastic), so (dataset, image id, ``pairs.seed``) and the settings determine the
-sample's bytes; switching elastic or jitter on/off does not change the affine draws.
+Reproducibility: every random draw of pair ``k`` of an image comes from ``np.random.default_rng([seed, image_id,
+k])`` — ``[seed, image_id]`` for ``k = 0`` — in a fixed order (affine, flip, jitter, then elastic), so (dataset,
+image id, ``pairs.seed``, ``k``) and the settings determine the sample's bytes; switching elastic or jitter on/off
+does not change the affine draws, and pair 0 of a ``per_image = n`` run is byte for byte the pair of a
+``per_image = 1`` run (only its key differs).
 
-``pair`` samples (this stage, ``pipelines/affine_pairs.py``), key = the input image's key:
+``pair`` samples (this stage, ``pipelines/affine_pairs.py``), key = the input image's key when ``per_image = 1``,
+else ``<image key>_<k:03d>`` for ``k = 0 .. per_image - 1``:
     ``<key>.source.png``       RGB 8-bit PNG, the source image (the input image decoded, re-encoded losslessly)
     ``<key>.target.png``       RGB 8-bit PNG, the target (warped, then colour-jittered)
     ``<key>.source_mask.png``  grey 8-bit PNG, 255 = foreground (union of all instances), 0 = background
@@ -42,6 +46,7 @@ sample's bytes; switching elastic or jitter on/off does not change the affine dr
     ``<key>.flow_t2s.npy``     float32 ``(2, H, W)`` (``numpy.save``): target pixel -> source location, pixels
     ``<key>.flow_s2t.npy``     float32 ``(2, H, W)``: source pixel -> target location, pixels
     ``<key>.pair.json``        ``image_id`` int, ``source`` str (dataset), ``file_name`` str, ``seed`` int,
+                               ``pair_index`` int (only for ``k >= 1``: absent means pair 0),
                                ``height``/``width`` int, ``affine_s2t``/``affine_t2s`` 2x3 float (pixel coordinates,
                                flip included, elastic excluded), ``params``: ``rotation_deg``, ``scale``,
                                ``shear_deg``, ``translation_px`` [tx, ty], ``flip`` bool; ``jitter``: ``brightness``,
@@ -54,7 +59,6 @@ sample's bytes; switching elastic or jitter on/off does not change the affine dr
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy as np
@@ -66,7 +70,8 @@ from maskflow.stage import Plan, Reject, Stage, WorkUnit, plan_shard_units
 from maskflow.stages.affine_pairs_config import (  # noqa: F401  (re-exported)
     AffinePairsConfig, AffinePairsInputConfig, PairSettings)
 from maskflow.stages.inputs import unit_raw_image_samples
-from ops import warp as W
+from ops import warp
+from ops.geometry import draw_affine, draw_elastic, pair_flows, sample_points
 from ops.masks import decode_masks
 
 SOURCE = "source.png"
@@ -87,77 +92,9 @@ SCHEMA = schema.SampleSchema("pair/1", (
 ))
 FIELDS = SCHEMA.suffixes
 NO_FOREGROUND = "image has no foreground"
-INVERSE_ITERATIONS = 30  # fixed-point steps of the elastic inverse (contraction factor <= 0.75 per step)
 
 
-# --------------------------------------------------------------------------------------------- geometry
-
-
-def draw_affine(rng: np.random.Generator, s: PairSettings, height: int, width: int) -> tuple[np.ndarray, dict]:
-    """The 3x3 source -> target matrix ``M`` (flip included) and its parameters, drawn from ``rng``."""
-    rot = float(rng.uniform(-s.rotation_deg, s.rotation_deg))
-    scale = float(rng.uniform(s.scale_min, s.scale_max))
-    shear = float(rng.uniform(-s.shear_deg, s.shear_deg))
-    tx, ty = rng.uniform(-s.translation, s.translation, 2) * (width, height)
-    flip = bool(rng.uniform() < s.flip_prob)
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    r, k = math.radians(rot), math.tan(math.radians(shear))
-    R = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
-    Sh = np.array([[1, k, 0], [0, 1, 0], [0, 0, 1]])
-    S = np.diag([scale, scale, 1.0])
-    F = np.array([[-1, 0, width - 1], [0, 1, 0], [0, 0, 1]], float) if flip else np.eye(3)
-    M = _translate(cx + tx, cy + ty) @ R @ Sh @ S @ _translate(-cx, -cy) @ F
-    params = {"rotation_deg": rot, "scale": scale, "shear_deg": shear, "translation_px": [float(tx), float(ty)],
-              "flip": flip}
-    return M, params
-
-
-def _translate(x: float, y: float) -> np.ndarray:
-    return np.array([[1.0, 0, x], [0, 1.0, y], [0, 0, 1.0]])
-
-
-def draw_elastic(rng: np.random.Generator, amplitude: float, spacing: float, height: int, width: int) -> torch.Tensor:
-    """A smooth (1, 2, H, W) displacement: control displacements in [-amplitude, amplitude] every ``spacing`` px,
-    bicubically interpolated (control points at both image borders)."""
-    gh, gw = max(2, math.ceil((height - 1) / spacing) + 1), max(2, math.ceil((width - 1) / spacing) + 1)
-    ctrl = torch.from_numpy(rng.uniform(-amplitude, amplitude, (1, 2, gh, gw)).astype(np.float32))
-    return torch.nn.functional.interpolate(ctrl, size=(height, width), mode="bicubic", align_corners=True)
-
-
-def _theta(M: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(M[:2], dtype=np.float32)).unsqueeze(0)
-
-
-def pair_flows(M: np.ndarray, D: torch.Tensor | None, height: int,
-               width: int) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """(flow_t2s, flow_s2t, max inverse residual in px or None): both (1, 2, H, W) float32 (module docstring)."""
-    Minv = np.linalg.inv(M)
-    flow_t2s = W.affine_to_flow(_theta(Minv), height, width)
-    flow_s2t = W.affine_to_flow(_theta(M), height, width)
-    if D is None:
-        return flow_t2s, flow_s2t, None
-    lin = torch.from_numpy(Minv[:2, :2].astype(np.float32))
-    flow_t2s = flow_t2s + torch.einsum("ij,njhw->nihw", lin, D)  # M^-1 (p + D(p)) - p
-    # phi_s2t(p) = q + E with q = M p and E = -D(q + E): iterated at the points q themselves (source grid), so no
-    # resampling of E; D is read bilinearly (border-clamped outside the target, where pixels are invalid anyway).
-    affine_s2t, E = flow_s2t, torch.zeros_like(flow_s2t)
-    for _ in range(INVERSE_ITERATIONS):
-        E = -W.warp(D, affine_s2t + E, padding_mode="border")
-    flow_s2t = affine_s2t + E
-    back = W.compose(flow_t2s, flow_s2t)  # phi_t2s(phi_s2t(p)) - p, ~0
-    inside = W.valid_mask(flow_s2t)[:, 0] > 0
-    err = torch.linalg.vector_norm(back, dim=1)[inside]
-    return flow_t2s, flow_s2t, float(err.max()) if err.numel() else 0.0
-
-
-def sample_points(flow: torch.Tensor, points: np.ndarray) -> np.ndarray:
-    """``p + flow(p)`` at (k, 2) pixel points, bilinear (border padding)."""
-    H, Wd = flow.shape[-2:]
-    pts = torch.from_numpy(np.asarray(points, np.float32).reshape(1, -1, 1, 2))
-    grid = W.pixel_to_normalized(pts, H, Wd, dim=-1)
-    f = torch.nn.functional.grid_sample(flow, grid, mode="bilinear", padding_mode="border",
-                                        align_corners=W.ALIGN_CORNERS)  # (1, 2, k, 1)
-    return np.asarray(points, np.float64).reshape(-1, 2) + f[0, :, :, 0].T.double().numpy()
+# --------------------------------------------------------------------------------------------- one sample
 
 
 def jitter(image: torch.Tensor, factors: dict) -> torch.Tensor:
@@ -169,35 +106,45 @@ def jitter(image: torch.Tensor, factors: dict) -> torch.Tensor:
     return TF.adjust_saturation(image, factors["saturation"])
 
 
-# --------------------------------------------------------------------------------------------- encoding
-
-png, npy, load_png, load_npy = schema.png, schema.npy, schema.load_png, schema.load_npy
-
-
-# --------------------------------------------------------------------------------------------- one sample
+def pair_key(image_key: str, index: int, per_image: int) -> str:
+    """The key of pair ``index`` of an image: the image's key alone when it has one pair (``per_image = 1``)."""
+    return image_key if per_image == 1 else f"{image_key}_{index:03d}"
 
 
-def make_pair(key: str, image_bytes: bytes, meta: dict, s: PairSettings, source: str = "") -> dict | Reject:
-    """The pair sample of one decoded ``image`` sample (or its reject). Pure: same inputs -> same bytes."""
+def pair_rng(seed: int, image_id: int, index: int) -> np.random.Generator:
+    """The generator of pair ``index`` of an image. Pair 0 keeps the entropy ``[seed, image_id]`` the stage used
+    before ``per_image`` existed (stated, not left to numpy's padding of short seeds), so its bytes are unchanged."""
+    return np.random.default_rng([int(seed), int(image_id)] + ([int(index)] if index else []))
+
+
+def _foreground(key: str, image_bytes: bytes, meta: dict, source: str) -> tuple[torch.Tensor, np.ndarray] | Reject:
+    """The decoded image (3, H, W) uint8 and the union of its instance masks (H, W) bool, or the image's reject."""
     try:
-        image = decode_image(image_bytes)  # (3, H, W) uint8
+        image = decode_image(image_bytes)
     except ValueError as e:
         return Reject(key, str(e), source=source)
-    H, Wd = int(image.shape[-2]), int(image.shape[-1])
+    height, width = int(image.shape[-2]), int(image.shape[-1])
     rles = [a["segmentation"] for a in meta.get("annotations", [])]
-    fg = decode_masks(rles, H, Wd).any(0) if rles else np.zeros((H, Wd), bool)
+    fg = decode_masks(rles, height, width).any(0) if rles else np.zeros((height, width), bool)
     if not fg.any():
         return Reject(key, NO_FOREGROUND, source=source)
+    return image, fg
 
-    rng = np.random.default_rng([int(s.seed), int(meta["image_id"])])
-    M, params = draw_affine(rng, s, H, Wd)
+
+def _pair_sample(key: str, image: torch.Tensor, fg: np.ndarray, meta: dict, s: PairSettings, index: int,
+                 source: str) -> dict:
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    rng = pair_rng(s.seed, meta["image_id"], index)
+    M, params = draw_affine(rng, height, width, rotation_deg=s.rotation_deg, scale_min=s.scale_min,
+                            scale_max=s.scale_max, shear_deg=s.shear_deg, translation=s.translation,
+                            flip_prob=s.flip_prob)
     factors = {n: float(rng.uniform(1 - getattr(s, n), 1 + getattr(s, n)))
                for n in ("brightness", "contrast", "saturation")}
-    D = draw_elastic(rng, s.elastic_amplitude, s.elastic_spacing, H, Wd) if s.elastic_amplitude > 0 else None
-    flow_t2s, flow_s2t, residual = pair_flows(M, D, H, Wd)
+    D = draw_elastic(rng, s.elastic_amplitude, s.elastic_spacing, height, width) if s.elastic_amplitude > 0 else None
+    flow_t2s, flow_s2t, residual = pair_flows(M, D, height, width)
 
     stacked = torch.cat((image.float(), torch.from_numpy(fg).float()[None]), 0)[None]  # (1, 4, H, W)
-    warped = W.warp(stacked, flow_t2s)[0]
+    warped = warp.warp(stacked, flow_t2s)[0]
     target = warped[:3].round().clamp(0, 255).to(torch.uint8)
     if any(f != 1.0 for f in factors.values()):
         target = jitter(target, factors)
@@ -208,8 +155,8 @@ def make_pair(key: str, image_bytes: bytes, meta: dict, s: PairSettings, source:
         "source": meta.get("source", source),
         "file_name": meta.get("file_name", ""),
         "seed": int(s.seed),
-        "height": H,
-        "width": Wd,
+        "height": height,
+        "width": width,
         "affine_s2t": M[:2].tolist(),
         "affine_t2s": np.linalg.inv(M)[:2].tolist(),
         "params": params,
@@ -217,21 +164,40 @@ def make_pair(key: str, image_bytes: bytes, meta: dict, s: PairSettings, source:
         "elastic": None if D is None else {"amplitude_px": s.elastic_amplitude, "spacing_px": s.elastic_spacing,
                                            "inverse_max_residual_px": residual},
     }
+    if index:
+        pair["pair_index"] = int(index)
     if meta.get("keypoints"):
         src = np.asarray(meta["keypoints"], np.float64).reshape(-1, 2)
         dst = sample_points(flow_s2t, src)
-        inside = (dst[:, 0] >= 0) & (dst[:, 0] <= Wd - 1) & (dst[:, 1] >= 0) & (dst[:, 1] <= H - 1)
+        inside = (dst[:, 0] >= 0) & (dst[:, 0] <= width - 1) & (dst[:, 1] >= 0) & (dst[:, 1] <= height - 1)
         pair["keypoints"] = {"source": src.tolist(), "target": dst.tolist(), "inside": inside.tolist()}
     return {
         "__key__": key,
-        SOURCE: png(image.permute(1, 2, 0).numpy()),
-        TARGET: png(target.permute(1, 2, 0).numpy()),
-        SOURCE_MASK: png(fg.astype(np.uint8) * 255),
-        TARGET_MASK: png(target_mask.astype(np.uint8) * 255),
-        FLOW_T2S: npy(flow_t2s[0].numpy()),
-        FLOW_S2T: npy(flow_s2t[0].numpy()),
+        SOURCE: schema.png(image.permute(1, 2, 0).numpy()),
+        TARGET: schema.png(target.permute(1, 2, 0).numpy()),
+        SOURCE_MASK: schema.png(fg.astype(np.uint8) * 255),
+        TARGET_MASK: schema.png(target_mask.astype(np.uint8) * 255),
+        FLOW_T2S: schema.npy(flow_t2s[0].numpy()),
+        FLOW_S2T: schema.npy(flow_s2t[0].numpy()),
         PAIR: pair,
     }
+
+
+def make_pairs(key: str, image_bytes: bytes, meta: dict, s: PairSettings, source: str = "") -> list[dict] | Reject:
+    """The ``s.per_image`` pair samples of one ``image`` sample (or its one reject). Pure: same inputs -> same
+    bytes. The image and its foreground are decoded once for all its pairs."""
+    decoded = _foreground(key, image_bytes, meta, source)
+    if isinstance(decoded, Reject):
+        return decoded
+    image, fg = decoded
+    return [_pair_sample(pair_key(key, k, s.per_image), image, fg, meta, s, k, source) for k in range(s.per_image)]
+
+
+def make_pair(key: str, image_bytes: bytes, meta: dict, s: PairSettings, source: str = "",
+              index: int = 0) -> dict | Reject:
+    """Pair ``index`` of one ``image`` sample, keyed ``key`` as given (or the image's reject)."""
+    decoded = _foreground(key, image_bytes, meta, source)
+    return decoded if isinstance(decoded, Reject) else _pair_sample(key, *decoded, meta, s, index, source)
 
 
 class AffinePairsStage(Stage):
@@ -242,16 +208,20 @@ class AffinePairsStage(Stage):
         return plan_shard_units(self.cfg.input.shards, self.options, "input.shards")
 
     def fingerprint_config(self):
-        return {"pairs": vars(self.cfg.pairs)}
+        pairs = dict(vars(self.cfg.pairs))
+        if pairs["per_image"] == 1:  # the output of one pair per image predates the setting: its fingerprint stays
+            del pairs["per_image"]
+        return {"pairs": pairs}
 
     def process(self, unit: WorkUnit) -> Iterator[dict | Reject]:
         torch.set_num_threads(max(1, int(self.cfg.compute.cpus_per_worker)))
         for sample in unit_raw_image_samples(unit, self.options):
             if isinstance(sample, Reject):
                 yield sample
-            else:
-                yield make_pair(sample["__key__"], sample[schema.IMAGE], schema.loads(sample[schema.META]),
-                                self.cfg.pairs, source=unit.source)
+                continue
+            pairs = make_pairs(sample["__key__"], sample[schema.IMAGE], schema.loads(sample[schema.META]),
+                               self.cfg.pairs, source=unit.source)
+            yield from [pairs] if isinstance(pairs, Reject) else pairs
 
     def contact_sheet(self, samples: list[dict]):
         return pair_sheet(samples)
@@ -263,7 +233,7 @@ def pair_sheet(samples: list[dict], rows: int = 4):
 
     tiles = []
     for s in samples[:rows]:
-        tiles.append(viz.overlay_masks(load_png(s[SOURCE]), load_png(s[SOURCE_MASK])[None] > 0))
-        tiles.append(viz.overlay_masks(load_png(s[TARGET]), load_png(s[TARGET_MASK])[None] > 0))
-        tiles.append(viz.flow_to_rgb(load_npy(s[FLOW_T2S])))
+        tiles.append(viz.overlay_masks(schema.load_png(s[SOURCE]), schema.load_png(s[SOURCE_MASK])[None] > 0))
+        tiles.append(viz.overlay_masks(schema.load_png(s[TARGET]), schema.load_png(s[TARGET_MASK])[None] > 0))
+        tiles.append(viz.flow_to_rgb(schema.load_npy(s[FLOW_T2S])))
     return viz.grid(tiles, columns=3)

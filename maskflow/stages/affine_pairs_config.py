@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from maskflow.config import Uri, require
 from maskflow.stage import StageJobConfig
 
+MAX_PAIRS_PER_IMAGE = 999
+
 
 @dataclass
 class AffinePairsInputConfig:
@@ -23,6 +25,7 @@ class AffinePairsInputConfig:
 @dataclass
 class PairSettings:
     seed: int = 0
+    per_image: int = 1  # pairs made of each image, each an independent draw (keys <image key>_<k:03d> when > 1)
     rotation_deg: float = 30.0  # rotation uniform in [-r, r] degrees
     scale_min: float = 0.8  # isotropic scale uniform in [scale_min, scale_max]
     scale_max: float = 1.2
@@ -36,6 +39,8 @@ class PairSettings:
     elastic_spacing: float = 32.0  # px between control points (smoothness)
 
     def validate(self) -> None:
+        require(1 <= self.per_image <= MAX_PAIRS_PER_IMAGE, "per_image",
+                f"must be in [1, {MAX_PAIRS_PER_IMAGE}] (the pair index is 3 digits of the key)")
         require(0 <= self.rotation_deg <= 180, "rotation_deg", "must be in [0, 180]")
         require(0 < self.scale_min <= self.scale_max, "scale_min", "need 0 < scale_min <= scale_max")
         require(0 <= self.shear_deg < 60, "shear_deg", "must be in [0, 60)")

@@ -69,7 +69,7 @@ def image_sample(record: dict, source: str, options: StorageOptions) -> Iterator
         "source": source,
         "annotations": annotations,
     }
-    for extra in ("video_id", "frame_index"):
+    for extra in ("video_id", "frame_index", "keypoints"):  # keypoints: [x, y] pixels, e.g. face landmarks
         if extra in record:
             meta[extra] = record[extra]  # type: ignore[literal-required]
     yield Count("annotations", len(annotations))
