@@ -1,9 +1,16 @@
 """MLflow: one tracking set-up for every job, run helpers, and the model registry.
 
 Every job (stage, training, evaluation) is an MLflow run with its resolved config logged as params and as
-``config.yaml``. Models are registered under a name; a freshly trained version gets the alias ``candidate``; only
-:func:`promote` (an explicit step that compares evaluation metrics) moves ``champion``. Users load
-``models:/<name>@champion``.
+``config.yaml``. Models are registered under a name; a freshly trained version gets the alias ``candidate`` and its
+kind (tag ``maskflow.kind``, see :mod:`maskflow.models.kinds`); only :func:`promote` (an explicit step that compares
+evaluation metrics) moves ``champion``. Users load ``models:/<name>@champion``.
+
+What a model version's tags hold:
+
+* ``maskflow.kind``: the model's kind (its plugin's ``name``); absent on versions registered before kinds existed;
+* ``eval.<metric>``: each metric of its latest evaluation (``repr(float)``), ``eval.run_id``: that evaluation's run;
+* ``maskflow.metric`` / ``maskflow.higher_is_better``: the headline metric its evaluator declares and its direction,
+  which :func:`promote` uses unless told otherwise.
 
 Locally the backend is sqlite (the registry needs a database); on a cluster it is a tracking server
 (``http://...``) with S3 artifacts, for which :func:`maskflow.storage.mlflow_environment` sets the endpoint.
@@ -27,6 +34,9 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 EVAL_TAG_PREFIX = "eval."
+KIND_TAG = "maskflow.kind"
+METRIC_TAG = "maskflow.metric"
+HIGHER_IS_BETTER_TAG = "maskflow.higher_is_better"
 
 
 @dataclass
@@ -102,15 +112,26 @@ def client():
     return MlflowClient()
 
 
-def register_logged_model(model_uri: str, name: str, run_id: str | None = None) -> str:
-    """Register a logged model (``runs:/...`` or ``models:/m-...``) as a new version of ``name``; alias it candidate."""
+def register_logged_model(model_uri: str, name: str, run_id: str | None = None, kind: str | None = None,
+                          extra_tags: dict[str, str] | None = None) -> str:
+    """Register a logged model (``runs:/...`` or ``models:/m-...``) as a new version of ``name``, alias it candidate,
+    and tag it with its ``kind`` (the plugin's ``name``: ``maskflow.kind``), the ``run_id`` that made it and any
+    ``extra_tags``. Returns the new version number."""
     import mlflow
 
-    version = mlflow.register_model(model_uri, name).version
-    client().set_registered_model_alias(name, CANDIDATE, version)
-    if run_id:
-        client().set_model_version_tag(name, version, "run_id", run_id)
-    return str(version)
+    version = str(mlflow.register_model(model_uri, name).version)
+    c = client()
+    c.set_registered_model_alias(name, CANDIDATE, version)
+    tags = {"run_id": run_id, KIND_TAG: kind, **(extra_tags or {})}
+    for key, value in tags.items():
+        if value is not None:
+            c.set_model_version_tag(name, version, key, str(value))
+    return version
+
+
+def model_kind(name: str, version: str) -> str | None:
+    """The kind recorded on a model version (``maskflow.kind``), or None for a version registered without one."""
+    return client().get_model_version(name, str(version)).tags.get(KIND_TAG)
 
 
 def model_version_for_alias(name: str, alias: str):
@@ -133,13 +154,19 @@ def latest_version(name: str) -> str | None:
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
-def record_evaluation(name: str, version: str, metrics: dict[str, float], run_id: str | None = None) -> None:
-    """Attach evaluation metrics to a model version (as tags), so promotion compares versions directly."""
+def record_evaluation(name: str, version: str, metrics: dict[str, float], run_id: str | None = None,
+                      metric: str | None = None, higher_is_better: bool | None = None) -> None:
+    """Attach evaluation metrics to a model version (as tags), so promotion compares versions directly; with
+    ``metric`` (the evaluator's headline metric, one of ``metrics``) and its direction, promotion needs neither."""
     c = client()
     for k, v in metrics.items():
         c.set_model_version_tag(name, version, f"{EVAL_TAG_PREFIX}{k}", repr(float(v)))
     if run_id:
         c.set_model_version_tag(name, version, "eval.run_id", run_id)
+    if metric is not None:
+        c.set_model_version_tag(name, version, METRIC_TAG, metric)
+    if higher_is_better is not None:
+        c.set_model_version_tag(name, version, HIGHER_IS_BETTER_TAG, str(bool(higher_is_better)).lower())
 
 
 def evaluation_metric(name: str, version: str, metric: str) -> float | None:
@@ -148,16 +175,47 @@ def evaluation_metric(name: str, version: str, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def promote(name: str, metric: str, version: str | None = None, higher_is_better: bool = True) -> dict:
+def declared_metric(name: str, version: str) -> tuple[str | None, bool | None, str]:
+    """``(metric, higher_is_better, where from)`` that promotes a version: the headline metric and direction recorded
+    by its last evaluation (``maskflow.metric`` / ``maskflow.higher_is_better``), else those of its kind's evaluator
+    (:data:`maskflow.models.kinds.KINDS`), else ``(None, None, "none")``."""
+    tags = client().get_model_version(name, version).tags
+    metric, direction = tags.get(METRIC_TAG), tags.get(HIGHER_IS_BETTER_TAG)
+    if metric:
+        return metric, None if direction is None else direction == "true", "the version's evaluation"
+    kind = tags.get(KIND_TAG)
+    if kind:
+        from maskflow.models import kinds
+
+        if kind in kinds.KINDS:
+            evaluator = kinds.load_attr(kinds.KINDS[kind].evaluator)
+            return evaluator.metric, bool(evaluator.higher_is_better), f"the {kind!r} kind's evaluator"
+    return None, None, "none"
+
+
+def promote(name: str, metric: str | None = None, version: str | None = None,
+            higher_is_better: bool | None = None) -> dict:
     """Move ``champion`` to ``version`` (default: the candidate) only if its evaluation ``metric`` beats the champion's.
 
-    Returns what was decided, with both values. A version without a recorded evaluation is never promoted.
+    ``metric`` and ``higher_is_better`` default to what the version's evaluation recorded (the evaluator's headline
+    metric and direction: EPE is lower-is-better, AR higher), else to its kind's evaluator (:func:`declared_metric`);
+    given, they override it. A metric with no known direction is higher-is-better. Returns what was decided, with
+    both values. A version without a recorded evaluation is never promoted.
     """
     if version is None:
         cand = model_version_for_alias(name, CANDIDATE)
         if cand is None:
             raise ValueError(f"model {name!r} has no {CANDIDATE!r} version to promote")
         version = str(cand.version)
+    version = str(version)
+    declared, declared_direction, source = declared_metric(name, version)
+    if metric is None:
+        if declared is None:
+            raise ValueError(f"model {name!r} version {version} records no evaluation metric and no kind: evaluate it "
+                             "first, or name the metric")
+        metric = declared
+    if higher_is_better is None:
+        higher_is_better = declared_direction if metric == declared and declared_direction is not None else True
     new_value = evaluation_metric(name, version, metric)
     if new_value is None:
         raise ValueError(f"model {name!r} version {version} has no evaluation metric {metric!r}: evaluate it first")
@@ -171,6 +229,8 @@ def promote(name: str, metric: str, version: str | None = None, higher_is_better
     decision = {
         "model": name,
         "metric": metric,
+        "higher_is_better": higher_is_better,
+        "metric_from": source if metric == declared else "the caller",
         "candidate_version": version,
         "candidate_value": new_value,
         "champion_version": None if champ is None else str(champ.version),

@@ -74,13 +74,13 @@ def linear(weight: float):
     return model
 
 
-def log_and_register(cfg: TrackingConfig, name: str, weight: float) -> str:
+def log_and_register(cfg: TrackingConfig, name: str, weight: float, kind: str | None = None) -> str:
     import mlflow
 
     with tracking.job_run(cfg, "train", JobConfig()) as run:
         info = mlflow.pytorch.log_model(linear(weight), name="model", serialization_format="pickle",
                                         pip_requirements=[])
-        return tracking.register_logged_model(info.model_uri, name, run_id=run.info.run_id)
+        return tracking.register_logged_model(info.model_uri, name, run_id=run.info.run_id, kind=kind)
 
 
 # --------------------------------------------------------------------------------------------- sqlite
@@ -191,6 +191,32 @@ def test_registry_and_promotion(tracking_cfg):
     assert torch.equal(loaded.weight.detach(), torch.full((1, 2), 3.0))
     assert loaded(torch.ones(1, 2)).item() == pytest.approx(6.0)
     assert tracking.evaluation_metric(name, v3, "missing") is None
+
+
+def test_kind_and_declared_metric_decide_promotion(tracking_cfg):
+    """A version's kind is a tag; promotion without a metric takes the one its evaluation recorded (name and
+    direction), else its kind's evaluator's (maskrcnn: AR_100, higher is better); with neither it asks for one."""
+    v1 = log_and_register(tracking_cfg, "kinded", 1.0, kind="maskrcnn")
+    version = tracking.client().get_model_version("kinded", v1)
+    assert tracking.model_kind("kinded", v1) == "maskrcnn" == version.tags[tracking.KIND_TAG]
+    assert version.tags["run_id"] and tracking.client().get_registered_model("kinded").aliases == {"candidate": int(v1)}
+    tracking.record_evaluation("kinded", v1, {"AR_100": 0.3})  # no headline recorded: the kind's evaluator decides
+    assert tracking.declared_metric("kinded", v1) == ("AR_100", True, "the 'maskrcnn' kind's evaluator")
+    assert tracking.promote("kinded")["promoted"]
+
+    v2 = log_and_register(tracking_cfg, "kinded", 2.0, kind="maskrcnn")
+    tracking.record_evaluation("kinded", v2, {"AR_100": 0.2, "EPE": 1.5}, metric="EPE", higher_is_better=False)
+    assert tracking.declared_metric("kinded", v2) == ("EPE", False, "the version's evaluation")
+    decision = tracking.promote("kinded")  # the champion has no EPE: the candidate's recorded one wins
+    assert decision["promoted"] and (decision["metric"], decision["higher_is_better"]) == ("EPE", False)
+    assert tracking.promote("kinded", "AR_100", v1)["promoted"]  # named: higher is better, 0.3 > 0.2
+
+    bare = log_and_register(tracking_cfg, "bare", 1.0)
+    assert tracking.model_kind("bare", bare) is None
+    tracking.record_evaluation("bare", bare, {"AR_100": 0.5})
+    with pytest.raises(ValueError, match="records no evaluation metric and no kind"):
+        tracking.promote("bare")
+    assert tracking.promote("bare", "AR_100")["higher_is_better"] is True  # an unknown direction: higher
 
 
 def test_promote_without_candidate(tracking_cfg):

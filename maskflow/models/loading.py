@@ -38,7 +38,8 @@ def check_model_uri(uri: str | None, key: str = "model.uri") -> str:
     return uri
 
 
-def resolve_model_uri(uri: str, key: str = "model.uri", options: StorageOptions = DEFAULT_OPTIONS) -> str:
+def resolve_model_uri(uri: str, key: str = "model.uri", options: StorageOptions = DEFAULT_OPTIONS,
+                      expected_kinds: tuple[str, ...] | None = None) -> str:
     """Check on the driver, before Ray starts, that the weights ``uri`` names exist, and pin it: ``models:/name@alias``
     becomes ``models:/name/<version>`` (the version the alias points to now), so a job's output names exactly the
     weights it used and a later alias move is a different job. Each problem is one :class:`ConfigError` naming ``key``:
@@ -48,10 +49,17 @@ def resolve_model_uri(uri: str, key: str = "model.uri", options: StorageOptions 
     * ``torchvision:<Enum.MEMBER>`` — the weights enum exists (nothing is downloaded here);
     * a checkpoint file or directory (local or ``s3://``) — it exists and can be read.
 
+    With ``expected_kinds``, a registered version must be of one of those kinds (its ``maskflow.kind`` tag, see
+    :mod:`maskflow.models.kinds`): ``model.uri: models:/x/3 is a 'hstn' model; this job needs 'maskrcnn'``. Versions
+    registered before kinds existed (no tag), runs, checkpoints and torchvision weights carry no kind and pass.
+
     The tracking URI must already be set (``mlflow.set_tracking_uri``) for registry URIs."""
     check_model_uri(uri, key)
     if uri.startswith(REGISTRY_SCHEMES):
-        return _resolve_registry_uri(uri, key)
+        pinned = _resolve_registry_uri(uri, key)
+        if expected_kinds is not None and pinned.startswith("models:/"):
+            check_model_kind(pinned, expected_kinds, key, given=uri)
+        return pinned
     if uri.startswith("torchvision:"):
         from maskflow.models.maskrcnn_config import resolve_weights
 
@@ -67,6 +75,31 @@ def resolve_model_uri(uri: str, key: str = "model.uri", options: StorageOptions 
     except StorageError as e:
         raise ConfigError(f"{e} (a checkpoint: a .pt file or a directory holding {CHECKPOINT_FILE})") from None
     return uri
+
+
+def registered_version(pinned: str) -> tuple[str, str]:
+    """``(name, version)`` of a pinned registry URI ``models:/<name>/<version>`` (what :func:`resolve_model_uri`
+    returns for ``models:/`` URIs)."""
+    name, _, version = pinned[len("models:/"):].rpartition("/")
+    if not pinned.startswith("models:/") or not name or not version.isdigit():
+        raise ValueError(f"{pinned!r} is not a pinned registry URI models:/<name>/<version>")
+    return name, version
+
+
+def check_model_kind(pinned: str, expected_kinds: tuple[str, ...], key: str = "model.uri",
+                     given: str | None = None) -> str | None:
+    """The kind of the registered version ``models:/<name>/<version>``; a :class:`ConfigError` naming ``key`` when it
+    is recorded and not one of ``expected_kinds`` (a version without a kind passes: returns None). ``given``: the URI
+    as the user wrote it (an alias), shown beside the version it resolved to."""
+    from maskflow import tracking
+
+    name, version = registered_version(pinned)
+    found = tracking.model_kind(name, version)
+    if found is not None and found not in expected_kinds:
+        shown = pinned if given in (None, pinned) else f"{given} (version {version})"
+        needed = " or ".join(repr(k) for k in expected_kinds)
+        raise ConfigError(f"{key}: {shown} is a {found!r} model; this job needs {needed}")
+    return found
 
 
 def _resolve_registry_uri(uri: str, key: str) -> str:

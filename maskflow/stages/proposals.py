@@ -84,7 +84,7 @@ class ProposalsStage(Stage):
             import mlflow
 
             mlflow.set_tracking_uri(self.tracking_uri)
-        self.model_uri = resolve_model_uri(self.cfg.model.uri, "model.uri", self.options)
+        self.model_uri = resolve_model_uri(self.cfg.model.uri, "model.uri", self.options, expected_kinds=("maskrcnn",))
         inp = self.cfg.input
         if inp.coco is not None:
             return plan_coco_units(inp.coco, self.cfg.output.samples_per_shard, self.options)
