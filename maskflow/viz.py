@@ -1,6 +1,9 @@
-"""Pictures of samples, because people check data by looking at it: every stage logs a contact sheet to MLflow.
+"""Pictures of samples, because people check data by looking at it: every stage logs a contact sheet to MLflow;
+and the plots evaluations log.
 
-All functions take and return ``H x W x 3`` uint8 numpy arrays (RGB) and are vectorised (no per-pixel loops).
+The sample pictures take and return ``H x W x 3`` uint8 numpy arrays (RGB) and are vectorised (no per-pixel loops).
+The plots (:func:`recall_curves_figure`) return a ``matplotlib.figure.Figure`` built without pyplot (no global figure
+state, safe in any thread, nothing to close); :func:`plot_recall_curves` saves one as a PNG.
 """
 
 from __future__ import annotations
@@ -104,3 +107,48 @@ def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(to_rgb(image)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- evaluation plots
+
+
+def recall_curves_figure(result: dict, title: str = ""):
+    """Two panels like Fig. 5 of FFD-Net (Zhang & He, ICCV 2017, sec. 4.2.1): (a) AR vs number of proposals,
+    (b) recall vs IoU threshold for each k. ``result`` is :func:`ops.metrics.proposal_recall`'s dict (``recall``
+    {k: (T,)}, ``thresholds`` (T,), ``AR@k``). Returns a ``matplotlib.figure.Figure``."""
+    from matplotlib.figure import Figure
+
+    ks = sorted(int(k) for k in result["recall"])
+    thr = np.asarray(result["thresholds"], dtype=np.float64)
+    fig = Figure(figsize=(10, 4))
+    ax_a, ax_b = fig.subplots(1, 2)
+    ars = [result.get(f"AR@{k}", float(np.mean(result["recall"][k]))) for k in ks]
+    ax_a.plot(ks, ars, marker="o")
+    if len(ks) > 1 and ks[0] > 0:
+        ax_a.set_xscale("log")
+    ax_a.set_xlabel("number of proposals")
+    ax_a.set_ylabel(f"average recall (IoU {thr.min():.2f}-{thr.max():.2f})")
+    ax_a.set_ylim(0.0, 1.0)
+    ax_a.grid(True, alpha=0.3)
+    ax_a.set_title("(a) AR vs. number of proposals")
+    for k in ks:
+        ax_b.plot(thr, np.asarray(result["recall"][k]), marker=".", label=f"{k} proposals")
+    ax_b.set_xlabel("IoU threshold")
+    ax_b.set_ylabel("recall")
+    ax_b.set_ylim(0.0, 1.0)
+    ax_b.grid(True, alpha=0.3)
+    ax_b.legend()
+    ax_b.set_title("(b) recall vs. IoU threshold")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_recall_curves(result: dict, path: str, title: str = "") -> str:
+    """:func:`recall_curves_figure` saved as a PNG at the local ``path`` (parent folders made); returns ``path``."""
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    recall_curves_figure(result, title).savefig(path, format="png", dpi=100)
+    return path

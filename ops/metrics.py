@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["IOU_THRESHOLDS", "proposal_recall", "recall_vs_iou", "plot_recall_curves"]
+__all__ = ["IOU_THRESHOLDS", "proposal_recall", "recall_vs_iou"]
 
 # The ten COCO thresholds 0.50, 0.55, ..., 0.95. Bit-for-bit COCOeval's Params.iouThrs (np.linspace), not
 # np.round(np.arange(0.5, 0.951, 0.05), 2): linspace's 0.9 is 0.8999999999999999, one ulp below 0.9, so a stored IoU of
@@ -124,44 +124,3 @@ def recall_vs_iou(
 ) -> np.ndarray:
     """Recall of the top-k proposals at each IoU threshold (the paper's recall-vs-IoU curves): a ``(T,)`` array."""
     return proposal_recall(ious, gt_crowd, max_proposals=(k,), thresholds=thresholds)["recall"][int(k)]
-
-
-def plot_recall_curves(result: dict, path: str, title: str = "") -> str:
-    """Two panels like FFD-Net's Fig. 5: (a) AR vs number of proposals, (b) recall vs IoU for each k. PNG at path."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = sorted(int(k) for k in result["recall"])
-    thr = np.asarray(result["thresholds"], dtype=np.float64)
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
-    try:
-        ars = [result.get(f"AR@{k}", float(np.mean(result["recall"][k]))) for k in ks]
-        ax_a.plot(ks, ars, marker="o")
-        if len(ks) > 1 and ks[0] > 0:
-            ax_a.set_xscale("log")
-        ax_a.set_xlabel("number of proposals")
-        ax_a.set_ylabel(f"average recall (IoU {thr.min():.2f}-{thr.max():.2f})")
-        ax_a.set_ylim(0.0, 1.0)
-        ax_a.grid(True, alpha=0.3)
-        ax_a.set_title("(a) AR vs. number of proposals")
-        for k in ks:
-            ax_b.plot(thr, np.asarray(result["recall"][k]), marker=".", label=f"{k} proposals")
-        ax_b.set_xlabel("IoU threshold")
-        ax_b.set_ylabel("recall")
-        ax_b.set_ylim(0.0, 1.0)
-        ax_b.grid(True, alpha=0.3)
-        ax_b.legend()
-        ax_b.set_title("(b) recall vs. IoU threshold")
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        fig.savefig(path, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return path

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))  # the pipeline scripts import _boot
 
 from pipelines.convert import ConvertConfig  # noqa: E402
 from pipelines.demo import DemoConfig  # noqa: E402
+from maskflow.evaluate import EvaluateConfig  # noqa: E402
 from maskflow.stages.affine_pairs import AffinePairsConfig  # noqa: E402
 from maskflow.stages.cluttered_digits import ClutteredDigitsConfig  # noqa: E402
 from maskflow.stages.ffd_crops import FFDCropsConfig  # noqa: E402
@@ -22,11 +23,13 @@ from maskflow.stages.instance_maps import InstanceMapsConfig  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
 from maskflow.stages.video_proposals import VideoProposalsConfig  # noqa: E402
 from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
+from trainers.sfnet import SFNetTrainConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
            "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig,
-           "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig}
+           "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig, "eval": EvaluateConfig,
+           "sfnet": SFNetTrainConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))
@@ -35,6 +38,8 @@ def test_conf_file_is_valid(path):
     data = config.load_yaml(str(ROOT / "conf" / path))
     if schema is ProposalsConfig and "input" not in data:  # input is given on the command line for these
         data["input"] = {"shards": "s3://bucket/shards"}
+    if schema is EvaluateConfig and "predictions" not in data:  # and the predictions to evaluate
+        data["predictions"] = "s3://bucket/predictions"
     cfg = config.build(schema, data)
     assert config.to_dict(cfg)  # and it round-trips to a dict for MLflow
     with pytest.raises(config.ConfigError, match=r"^no_such_key: unknown key"):

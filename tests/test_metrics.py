@@ -1,4 +1,5 @@
-"""Tests of ops.masks, ops.metrics and maskflow.eval_proposals; AR is checked against pycocotools' COCOeval."""
+"""Tests of ops.masks, ops.metrics, the proposal-AR evaluator and its plot; AR is checked against pycocotools'
+COCOeval."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 
 from maskflow.data import schema
-from maskflow.eval_proposals import evaluate_proposal_samples, format_table
+from maskflow.evaluators.proposal_ar import ProposalAR, evaluate_proposal_samples, format_table
+from maskflow.viz import plot_recall_curves
 from ops.masks import decode_masks, encode_masks, mask_iou, rle_areas, rle_boxes
-from ops.metrics import IOU_THRESHOLDS, plot_recall_curves, proposal_recall, recall_vs_iou
+from ops.metrics import IOU_THRESHOLDS, proposal_recall, recall_vs_iou
 
 from tests.conftest import SHARED_DATA as DATA, require_shared_data  # noqa: E402
 PENN_FUDAN = DATA / "penn_fudan_ped" / "PedMasks"
@@ -292,6 +294,35 @@ def test_evaluate_proposal_samples():
     assert format_table(evaluate_proposal_samples(samples)).splitlines()[0].split() == ["AR@10", "AR@100", "AR@1000"]
     with pytest.raises(ValueError):
         evaluate_proposal_samples([_sample(4, [0, 0], [[0.5]], [0.5], False)])
+
+
+def test_proposal_ar_pools_per_image_matching_exactly():
+    """ProposalAR matches each image once (for its per-image row) and pools the matched counts: the pooled AR and
+    recall curves equal proposal_recall over all images at once (itself = COCOeval), crowds and empty images
+    included, whatever the batching."""
+    rng = np.random.default_rng(7)
+    samples, ious, crowds = [], [], []
+    for image_id in range(40):
+        g, k = int(rng.integers(0, 6)), int(rng.integers(0, 30))
+        crowd = (rng.random(g) < 0.15).astype(int).tolist()
+        iou = np.round(rng.random((k, g)) ** 0.5, 3)  # many IoUs near the thresholds, some ties
+        scores = rng.random(k)
+        samples.append(_sample(image_id, crowd, iou.tolist(), scores.tolist(), bool(image_id % 2)))
+        ious.append(iou[np.argsort(-scores, kind="mergesort")])
+        crowds.append(np.asarray(crowd, dtype=bool))
+    expected = proposal_recall(ious, crowds, max_proposals=(1, 5, 10, 100))
+    evaluator = ProposalAR(max_proposals=(1, 5, 10, 100))
+    for start in range(0, 40, 7):
+        evaluator.process(samples[start:start + 7])
+    pooled = evaluator.summarize()
+    assert evaluator.metric == "AR_100" and pooled.metrics["AR_100"] == expected["AR@100"]
+    for k in (1, 5, 10, 100):
+        np.testing.assert_array_equal(evaluator.result["recall"][k], expected["recall"][k])
+        assert pooled.metrics[f"AR_{k}"] == expected[f"AR@{k}"]
+    assert pooled.metrics["num_gt"] == expected["num_gt"] and len(pooled.rows) == 40
+    assert sum(row["num_gt"] for row in pooled.rows) == expected["num_gt"]
+    assert [len(pooled.series[f"recall_{k}_vs_iou"]) for k in (1, 100)] == [10, 10]
+    assert ProposalAR(max_proposals=(10, 20)).metric == "AR_20"  # no AR_100 asked for: the largest k heads
 
 
 def test_rle_areas_beyond_255_masks():
