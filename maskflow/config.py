@@ -319,12 +319,29 @@ def load(schema: type[T], config_path: str | None, overrides: list[str] | None =
     return build(schema, apply_overrides(data, overrides or []))
 
 
-def parse_cli(schema: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+def _cli_args(argv: list[str] | None, description: str | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (local path or s3:// URI)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def parse_cli(schema: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    args = _cli_args(argv, description)
     return load(schema, args.config, args.overrides)
+
+
+def parse_cli_dispatch(key: str, schema_of, argv: list[str] | None = None,
+                       description: str | None = None) -> tuple[str, Any]:
+    """A generic job's config: the top-level ``key`` (e.g. ``kind: hstn_cls``) picks the schema
+    (``schema_of(value) -> dataclass``) that the rest of the YAML and overrides are built against.
+    Returns ``(value, config)``."""
+    args = _cli_args(argv, description)
+    data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
+    value = data.pop(key, None)
+    if not value or not isinstance(value, str):
+        raise ConfigError(f"{key}: required (in the YAML or as {key}=...)")
+    return value, build(schema_of(value), data)
 
 
 class JobFailed(RuntimeError):

@@ -125,6 +125,9 @@ class Stage(abc.ABC):
     name = "stage"
     wants_gpu = False  # True for model-inference stages
     schema: "SampleSchema | None" = None  # what every sample of this stage holds (checked as it is written)
+    # Its job config (a StageJobConfig), for generic scripts that pick the stage at run time (pipelines/predict.py):
+    # an inference stage is built as ``cls(config, options, tracking_uri)``.
+    config_class: "type | None" = None
 
     def __init__(self, cfg: StageJobConfig | None = None, options: StorageOptions = DEFAULT_OPTIONS):
         self.cfg, self.options = cfg, options
