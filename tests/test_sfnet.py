@@ -35,25 +35,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def pair_samples(shared_data):
-    """Two pairs (independent affine draws, jitter on) of each of two Penn-Fudan photos, as the stage writes them;
-    the photos at half size (about 270 x 280: the pairs and their decoding cost a quarter)."""
+def penn_fudan_pairs(shared_data, photos: range, per_image: int, seed: int = 0) -> list[dict]:
+    """``pair`` samples (raw entry bytes, as a shard holds them) of Penn-Fudan photos (indices into the sorted file
+    list; image id = index + 1), made by the affine-pairs stage's own function with jitter on and no flips; the
+    photos at half size (about 270 x 280: the pairs and their decoding cost a quarter)."""
     root = shared_data / "penn_fudan_ped"
-    settings = config.build(ap.PairSettings, {"seed": 0, "per_image": 2, "flip_prob": 0.0})
+    names = sorted(p.stem for p in (root / "PNGImages").glob("*.png"))
+    settings = config.build(ap.PairSettings, {"seed": seed, "per_image": per_image, "flip_prob": 0.0})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     samples = []
-    for image_id, name in ((1, "FudanPed00001"), (2, "FudanPed00002")):
+    for index in photos:
+        name = names[index]
         photo = Image.open(root / "PNGImages" / f"{name}.png").convert("RGB")
         size = (photo.width // 2, photo.height // 2)
         labels = np.array(Image.open(root / "PedMasks" / f"{name}_mask.png").resize(size, Image.NEAREST))
-        meta = {"image_id": image_id, "source": "penn_fudan", "file_name": f"{name}.png",
+        meta = {"image_id": index + 1, "source": "penn_fudan", "file_name": f"{name}.png",
                 "annotations": [{"segmentation": encode_mask(labels == k)} for k in range(1, labels.max() + 1)]}
         image = schema.png(np.array(photo.resize(size, Image.BILINEAR)))
-        samples += ap.make_pairs(schema.sample_key(image_id), image, meta, settings)
+        samples += ap.make_pairs(schema.sample_key(index + 1), image, meta, settings)
     torch.set_num_threads(threads)
     return [{k: (v if k == "__key__" else shards.encode_entry(v)) for k, v in s.items()} for s in samples]
+
+
+@pytest.fixture(scope="module")
+def pair_samples(shared_data):
+    """Two pairs (independent affine draws) of each of two Penn-Fudan photos."""
+    return penn_fudan_pairs(shared_data, range(2), per_image=2)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +193,7 @@ def test_small_batch_is_overfitted(ray_batch, plugin_class, steps, lr):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert min(losses[-3:]) * 5 <= losses[0], losses
 
 
