@@ -177,7 +177,7 @@ def in_uploaded_working_dir() -> bool:
     return bool(working_dir) or f"{os.sep}runtime_resources{os.sep}" in os.getcwd()
 
 
-_NOT_LOCAL = ("models:/", "runs:/", "torchvision:")
+_NOT_LOCAL = ("models:/", "runs:/", "torchvision:", "opencv:")  # opencv:<method>: a classical baseline
 
 
 def resolve_relative_uri(value: str, key: str) -> str:

@@ -22,6 +22,8 @@ from maskflow.stages.ingest import IngestConfig  # noqa: E402
 from maskflow.stages.instance_maps import InstanceMapsConfig  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
 from maskflow.stages.video_proposals import VideoProposalsConfig  # noqa: E402
+from maskflow.models import kinds  # noqa: E402
+from trainers.hstn import PLUGINS as HSTN_TASKS  # noqa: E402
 from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 from trainers.sfnet import SFNetTrainConfig  # noqa: E402
 
@@ -29,13 +31,16 @@ SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals"
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
            "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig,
            "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig, "eval": EvaluateConfig,
-           "sfnet": SFNetTrainConfig}
+           "sfnet": SFNetTrainConfig, "hstn": None}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))
 def test_conf_file_is_valid(path):
     schema = SCHEMAS[path.split("/")[0]]
     data = config.load_yaml(str(ROOT / "conf" / path))
+    if schema is None:  # conf/hstn: a training config names its task, an inference config its model kind
+        schema = HSTN_TASKS[data["task"]][0] if "task" in data else \
+            kinds.load_attr(kinds.kind(data.pop("kind")).inference_stage).config_class
     if schema is ProposalsConfig and "input" not in data:  # input is given on the command line for these
         data["input"] = {"shards": "s3://bucket/shards"}
     if schema is EvaluateConfig and "predictions" not in data:  # and the predictions to evaluate

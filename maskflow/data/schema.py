@@ -24,6 +24,24 @@ Conventions (COCO's, everywhere in maskflow unless a docstring says otherwise):
                      ``segmentations`` k RLE dicts, ``iou`` k x G floats (mask IoU of each proposal against each
                      ground-truth annotation, in the order of ``json.annotations``; crowd regions included, G may be 0),
                      ``model`` str (the weights' URI), ``height``/``width`` ints.
+
+``digit_prediction`` samples (HSTN digit predictions, :mod:`maskflow.stages.hstn_predict`), key = the input's key
+    ``<key>.image.png``        the input canvas, as the ``cluttered_digit`` sample had it
+    ``<key>.json``             the input sample's meta, unchanged (``label`` is the ground truth)
+    ``<key>.prediction.json``  ``label`` int (argmax), ``probabilities`` list of floats (softmax, one per class),
+                               ``model`` str (the weights' URI)
+
+``flow_prediction`` samples (dense flow predictions for pairs: :mod:`maskflow.stages.hstn_predict`, SFNet's), key =
+the pair's
+    ``<key>.source.png`` / ``<key>.target.png`` / ``<key>.flow_t2s.npy`` / ``<key>.pair.json``  the ``pair``
+                               sample's entries, unchanged (``flow_t2s`` is the ground truth); optional, also copied
+                               from the pair: ``source_mask.png``, ``target_mask.png``, ``flow_s2t.npy``
+    ``<key>.pred_flow_t2s.npy``  float32 ``(2, H, W)``: the predicted target pixel -> source location, in pixels of
+                               the pair's own resolution (``ops.warp``'s convention: channel 0 = dx, backward warp);
+                               optional ``pred_flow_s2t.npy``: the predicted source pixel -> target location
+    ``<key>.prediction.json``  ``model`` str (the weights' URI, or ``opencv:<method>`` for a classical baseline),
+                               ``image_size`` int (the side the method worked at; the pair's when 0), ``seconds``
+                               float (the method's time for this pair, decoding excluded)
 """
 
 from __future__ import annotations
@@ -197,4 +215,23 @@ IMAGE_SCHEMA = SampleSchema("image/1", (
 ))
 PROPOSALS_SCHEMA = SampleSchema("proposals/1", IMAGE_SCHEMA.fields + (
     Field(PROPOSALS, "json", "boxes, scores, RLE masks, IoU vs every ground-truth annotation, model URI"),
+))
+
+PREDICTION = "prediction.json"
+DIGIT_PREDICTION_SCHEMA = SampleSchema("digit_prediction/1", (
+    Field("image.png", "png", "the input canvas"),
+    Field(META, "json", "the input cluttered_digit sample's meta, unchanged (label = ground truth)"),
+    Field(PREDICTION, "json", "label (argmax), probabilities (softmax per class), model URI"),
+))
+FLOW_PREDICTION_SCHEMA = SampleSchema("flow_prediction/1", (
+    Field("source.png", "png", "the pair's RGB source"),
+    Field("target.png", "png", "the pair's RGB target"),
+    Field("flow_t2s.npy", "npy", "ground truth float32 (2, H, W): target pixel -> source location, px"),
+    Field("pair.json", "json", "the pair's meta, unchanged"),
+    Field("pred_flow_t2s.npy", "npy", "predicted float32 (2, H, W) at the pair's resolution, px"),
+    Field(PREDICTION, "json", "model URI (or opencv:<method>), working image_size, seconds per pair"),
+    Field("source_mask.png", "png", "the pair's source foreground, 255/0", optional=True),
+    Field("target_mask.png", "png", "the pair's target foreground, 255/0", optional=True),
+    Field("flow_s2t.npy", "npy", "ground truth float32 (2, H, W): source pixel -> target location, px", optional=True),
+    Field("pred_flow_s2t.npy", "npy", "predicted float32 (2, H, W) source -> target, px", optional=True),
 ))

@@ -44,6 +44,20 @@ KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
     # -- HSTN ("hstn_cls": cluttered digits, "hstn_align": planar alignment) and SFNet ("sfnet") go here, one
     #    ModelKind each, added with their plugins, evaluators and inference stages. --
     ModelKind(
+        "hstn_cls",
+        plugin="trainers.hstn:HSTNClassifierPlugin",
+        evaluator="maskflow.evaluators.classification:ClassificationAccuracy",
+        inference_stage="maskflow.stages.hstn_predict:DigitPredictStage",
+        description="HSTN / Affine-STN / plain-CNN cluttered-digit classifier (Shu et al., sec. 4.1); accuracy",
+    ),
+    ModelKind(
+        "hstn_align",
+        plugin="trainers.hstn:HSTNAlignPlugin",
+        evaluator="maskflow.evaluators.flow_epe:FlowEPE",
+        inference_stage="maskflow.stages.hstn_predict:FlowPredictStage",
+        description="HSTN / Affine-STN unsupervised planar alignment (Shu et al., sec. 4.2); EPE (lower is better)",
+    ),
+    ModelKind(
         "sfnet",
         plugin="trainers.sfnet:SFNetPlugin",
         evaluator="maskflow.evaluators.correspondence:CorrespondenceEvaluator",
@@ -64,6 +78,8 @@ EVALUATORS: dict[str, str] = {
     "proposal_ar": "maskflow.evaluators.proposal_ar:ProposalAR",
     # -- the HSTN / SFNet evaluators (accuracy, EPE, PCK...) go here. --
     "correspondence": "maskflow.evaluators.correspondence:CorrespondenceEvaluator",
+    "classification": "maskflow.evaluators.classification:ClassificationAccuracy",
+    "flow_epe": "maskflow.evaluators.flow_epe:FlowEPE",
 }
 
 

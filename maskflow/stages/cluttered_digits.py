@@ -51,7 +51,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from maskflow import storage
-from maskflow.config import Uri, require
+from maskflow.config import ConfigError, Uri, require
 from maskflow.data import schema
 from maskflow.stage import Count, Plan, Reject, Stage, StageJobConfig, WorkUnit, batched
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
@@ -74,9 +74,13 @@ class DigitsInputConfig:
     source: Literal["generate", "import_npz"] = "generate"
     uri: Uri = ""  # generate: MNIST CSV (784 pixels then the label; .gz ok); import_npz: cluttered-MNIST .npz
     name: str = "mnist"  # dataset name recorded in each sample's `source`
+    # import_npz: the splits to import (e.g. [train] and [valid] as two outputs for training and validation); [] =
+    # all. Sample ids still count rows over every split in file order, so a sample's id is the same either way.
+    splits: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         require(bool(self.uri), "uri", "required: the MNIST CSV (generate) or the .npz (import_npz) URI")
+        require(not self.splits or self.source == "import_npz", "splits", "only for source=import_npz")
 
 
 @dataclass
@@ -344,9 +348,16 @@ class ClutteredDigitsStage(Stage):
             units = [WorkUnit(i, list(chunk), source=inp.name) for i, chunk in enumerate(batched(ids, per_shard))]
             return Plan(units, rejects)
         splits, self.input_sha256 = load_npz(inp.uri, self.options)
+        unknown = sorted(set(inp.splits) - {split for split, _, _ in splits})
+        if unknown:
+            raise ConfigError(f"input.splits: {inp.uri} has no split {unknown[0]!r} "
+                              f"(it has {', '.join(split for split, _, _ in splits)})")
         items, rejects, sample_id = [], [], 0
         for split, X, y in splits:
             _npz_side(X)
+            if inp.splits and split not in inp.splits:
+                sample_id += len(X)
+                continue
             problems = _npz_row_problems(X, y)
             for i in range(len(X)):
                 if i in problems:
