@@ -38,6 +38,8 @@ SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals"
 def test_conf_file_is_valid(path):
     schema = SCHEMAS[path.split("/")[0]]
     data = config.load_yaml(str(ROOT / "conf" / path))
+    if "kind" in data and schema is not None:  # an inference config (pipelines/predict.py): its kind's stage config
+        schema = kinds.load_attr(kinds.kind(data.pop("kind")).inference_stage).config_class
     if schema is None:  # conf/hstn: a training config names its task, an inference config its model kind
         schema = HSTN_TASKS[data["task"]][0] if "task" in data else \
             kinds.load_attr(kinds.kind(data.pop("kind")).inference_stage).config_class

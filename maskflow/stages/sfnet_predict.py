@@ -92,6 +92,7 @@ class SFNetPredictStage(Stage):
     name = "sfnet_predict"
     wants_gpu = True
     schema = schema.FLOW_PREDICTION_SCHEMA
+    config_class = SFNetPredictConfig  # what pipelines/predict.py builds for the kinds this stage runs
 
     def __init__(self, cfg: SFNetPredictConfig, options: StorageOptions = DEFAULT_OPTIONS,
                  tracking_uri: str | None = None):
