@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from maskflow import config, runtime, shards, stage, storage, tracking
 from maskflow.config import Uri, require
 from maskflow.data.synthetic import generate_coco_dataset
-from maskflow.eval_proposals import EvaluateProposalsConfig, evaluate_job, format_table
+from maskflow.evaluators.proposal_ar import EvaluateProposalsConfig, evaluate_proposals, format_table
 from maskflow.models.maskrcnn_config import MaskRCNNConfig
 from maskflow.stage import ComputeConfig
 from maskflow.stages.ingest import IngestConfig, IngestStage
@@ -54,7 +54,6 @@ class DemoConfig(runtime.Common):
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     proposals: ProposalSettings = field(default_factory=ProposalSettings)
-    promote_metric: str = "AR_100"
 
 
 def sub_config(schema, cfg: DemoConfig, **blocks):
@@ -115,8 +114,8 @@ def main(argv=None) -> dict:
     # 5. evaluate (attached to the model version), then promote only if better than the champion
     eval_cfg = sub_config(EvaluateProposalsConfig, cfg, proposals=props_uri,
                           model={"name": cfg.model_name, "version": fit.model_version})
-    result = evaluate_job(eval_cfg)
-    decision = tracking.promote(cfg.model_name, cfg.promote_metric, fit.model_version)
+    result = evaluate_proposals(eval_cfg)
+    decision = tracking.promote(cfg.model_name, version=fit.model_version)  # by the metric evaluation recorded
 
     minutes = (time.perf_counter() - t_start) / 60
     tracking_uri = tracking.resolved_tracking_uri(cfg.tracking)
@@ -125,7 +124,7 @@ def main(argv=None) -> dict:
           f"on {result['num_images']} synthetic val images ({result['num_gt']} instances):\n")
     print(format_table(result))
     champ = "now champion" if decision["promoted"] else f"champion stays v{decision['champion_version']}"
-    print(f"\n{cfg.promote_metric} = {decision['candidate_value']:.3f} ({champ})")
+    print(f"\n{decision['metric']} = {decision['candidate_value']:.3f} ({champ})")
     print(f"shards:      {shard_uris['train']}  {shard_uris['val']}  (manifest.json in each)")
     print(f"proposals:   {props_uri}  ({len(shards.read_manifest(props_uri, options)['shards'])} shards)")
     print(f"checkpoint:  {fit.checkpoint_path}")

@@ -26,7 +26,7 @@ import yaml
 from maskflow import config, shards, stage, storage, tracking
 from maskflow.data import schema
 from maskflow.data.synthetic import generate_coco_dataset
-from maskflow.eval_proposals import EvaluateProposalsConfig, evaluate_job
+from maskflow.evaluators.proposal_ar import EvaluateProposalsConfig, evaluate_proposals
 from maskflow.stages.proposals import ProposalsConfig, ProposalsStage
 from maskflow.train.fit import fit
 from maskflow.train.loop import CHAOS_MARKER_ENV, CHAOS_STEP_ENV
@@ -156,13 +156,13 @@ def test_proposals_from_registry_on_s3_then_evaluate_and_promote(trained, tracki
         assert props["model"] == f"models:/{MODEL_NAME}/{trained['result'].model_version}"  # the alias, resolved
 
     version = trained["result"].model_version
-    result = evaluate_job(config.build(EvaluateProposalsConfig, {
+    result = evaluate_proposals(config.build(EvaluateProposalsConfig, {
         "proposals": out, "max_proposals": [10, 20], "model": {"name": MODEL_NAME, "version": version},
         "storage": {"endpoint_url": options.endpoint_url}, "tracking": config.to_dict(tracking_module)}))
     assert result["num_images"] == 60 and result["num_gt"] == 159
     assert 0.0 <= result["AR@10"] <= result["AR@20"] <= 1.0
-    decision = tracking.promote(MODEL_NAME, "AR_20")
-    assert decision["promoted"] and decision["candidate_value"] == pytest.approx(result["AR@20"])
+    decision = tracking.promote(MODEL_NAME)  # the metric the evaluation recorded on the version (AR_20: higher)
+    assert decision["metric"] == "AR_20" and decision["promoted"] and decision["candidate_value"] == pytest.approx(result["AR@20"])
     assert str(tracking.model_version_for_alias(MODEL_NAME, tracking.CHAMPION).version) == version
     again = tracking.promote(MODEL_NAME, "AR_20")  # the same version is not "better" than itself
     assert not again["promoted"]

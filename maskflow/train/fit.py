@@ -30,7 +30,6 @@ from maskflow.train.plugin import ModelPlugin
 
 log = logging.getLogger("maskflow.train")
 
-KIND_TAG = "maskflow.kind"
 VAL_TAG_PREFIX = "val."
 
 
@@ -213,12 +212,10 @@ def fit(plugin: ModelPlugin) -> FitResult:
         info = plugin.log_model(model, None)
         out.model_uri = info.model_uri
         if cfg.registry.model_name:
-            out.model_version = tracking.register_logged_model(info.model_uri, cfg.registry.model_name, run_id)
-            client = tracking.client()
-            client.set_model_version_tag(cfg.registry.model_name, out.model_version, KIND_TAG, plugin.name)
-            if out.best_value is not None:
-                client.set_model_version_tag(cfg.registry.model_name, out.model_version,
-                                             f"{VAL_TAG_PREFIX}{cfg.validation.metric}", repr(float(out.best_value)))
+            val_tags = {} if out.best_value is None else \
+                {f"{VAL_TAG_PREFIX}{cfg.validation.metric}": repr(float(out.best_value))}
+            out.model_version = tracking.register_logged_model(info.model_uri, cfg.registry.model_name, run_id,
+                                                               kind=plugin.name, extra_tags=val_tags)
             log.info("registered %s version %s (kind %s, alias %s)%s", cfg.registry.model_name, out.model_version,
                      plugin.name, tracking.CANDIDATE,
                      f", best {cfg.validation.metric} {out.best_value:.4g} at epoch {out.best_epoch + 1}"
