@@ -70,6 +70,7 @@ class ProposalsStage(Stage):
     name = "proposals"
     wants_gpu = True
     schema = schema.PROPOSALS_SCHEMA
+    config_class = ProposalsConfig
 
     def __init__(self, cfg: ProposalsConfig, options: StorageOptions = DEFAULT_OPTIONS, tracking_uri: str | None = None):
         check_model_uri(cfg.model.uri)
