@@ -218,8 +218,24 @@ def test_config_errors_name_the_key(tmp_path):
         probe_config(tmp_path, data={"train": "x"}, schedule={"name": "plateau"})
     with pytest.raises(ConfigError, match=r"^schedule.milestones: required by schedule.name=step$"):
         probe_config(tmp_path, data={"train": "x"}, schedule={"name": "step"})
+    with pytest.raises(ConfigError, match=r"^validation.metric: needs a validation split \(data.val\)$"):
+        probe_config(tmp_path, validation={"metric": "accuracy"})
     with pytest.raises(ConfigError, match=r"^data.train: required"):
         probe_config(tmp_path, data={"train": []})
+
+
+def test_freeze_and_param_group_prefixes_must_name_something(tmp_path, monkeypatch):
+    from maskflow.train.fit import fit
+
+    train = str(tmp_path / "train")
+    sealed_output(train, samples=1)
+    monkeypatch.setattr("maskflow.train.fit.init_ray", lambda *a: pytest.fail("Ray started"))
+    with pytest.raises(ConfigError, match=r"^freeze\[0\]: 'feature' names no module of the model \(top-level "
+                                          r"modules: features, adapter, head\)$"):
+        fit(DigitProbe(probe_config(tmp_path, data={"train": train}, freeze=["feature"])))
+    with pytest.raises(ConfigError, match=r"^optim.param_groups\[0\].prefix: 'heads.' matches no parameter"):
+        fit(DigitProbe(probe_config(tmp_path, data={"train": train},
+                                    optim={"param_groups": [{"prefix": "heads.", "lr_mult": 0.1}]})))
 
 
 def test_empty_validation_split_fails_before_ray(tmp_path, monkeypatch):

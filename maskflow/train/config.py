@@ -178,3 +178,5 @@ class TrainJobConfig(Common):
                 "plateau needs a validation split (data.val)")
         require(self.validation.early_stop_patience is None or bool(self.data.val_uris),
                 "validation.early_stop_patience", "needs a validation split (data.val)")
+        require(not self.validation.metric or bool(self.data.val_uris), "validation.metric",
+                "needs a validation split (data.val)")

@@ -117,6 +117,23 @@ def check_inputs(cfg: TrainJobConfig, options: StorageOptions) -> None:
     storage.check_uri(cfg.run.storage_path, for_write=True, options=options, what="run.storage_path")
 
 
+def check_model_settings(cfg: TrainJobConfig, model) -> None:
+    """``freeze`` and ``optim.param_groups`` prefixes must each name something in the model (a typo would
+    otherwise train what was meant to be frozen, silently)."""
+    from maskflow.config import ConfigError
+    from maskflow.train.loop import module_matches
+
+    modules = [name for name, _ in model.named_modules() if name]
+    for i, prefix in enumerate(cfg.freeze):
+        if not any(module_matches(name, [prefix]) for name in modules):
+            raise ConfigError(f"freeze[{i}]: {prefix!r} names no module of the model (top-level modules: "
+                              f"{', '.join(n for n, _ in model.named_children())})")
+    params = [name for name, _ in model.named_parameters()]
+    for i, group in enumerate(cfg.optim.param_groups):
+        if not any(name.startswith(group.prefix) for name in params):
+            raise ConfigError(f"optim.param_groups[{i}].prefix: {group.prefix!r} matches no parameter of the model")
+
+
 def fit(plugin: ModelPlugin) -> FitResult:
     """Train ``plugin``'s model as configured; log, register (alias ``candidate``) and return the result."""
     import mlflow
@@ -127,10 +144,14 @@ def fit(plugin: ModelPlugin) -> FitResult:
     run_name = cfg.run.name or f"{plugin.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking.setup(cfg.tracking, options)
     init_state, init_report = None, None
-    if cfg.init.from_:
-        from maskflow.train.init import initial_state
+    if cfg.init.from_ or cfg.freeze or cfg.optim.param_groups:
+        model = plugin.build_model()  # on the driver too: its settings are checked before Ray starts
+        check_model_settings(cfg, model)
+        if cfg.init.from_:
+            from maskflow.train.init import initial_state
 
-        init_state, init_report = initial_state(cfg.init, plugin.build_model(), options)
+            init_state, init_report = initial_state(cfg.init, model, options)
+        del model
     run_id = _find_or_create_run(cfg, run_name, plugin.name)
     if init_report is not None:
         mlflow.log_dict(init_report.__dict__, "init_report.json", run_id=run_id)
