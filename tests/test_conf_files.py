@@ -23,6 +23,7 @@ from maskflow.stages.instance_maps import InstanceMapsConfig  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig  # noqa: E402
 from maskflow.stages.video_proposals import VideoProposalsConfig  # noqa: E402
 from maskflow.models import kinds  # noqa: E402
+from maskflow.results import ResultsConfig  # noqa: E402
 from trainers.hstn import PLUGINS as HSTN_TASKS  # noqa: E402
 from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 from trainers.sfnet import SFNetTrainConfig  # noqa: E402
@@ -31,7 +32,7 @@ SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals"
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
            "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig,
            "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig, "eval": EvaluateConfig,
-           "sfnet": SFNetTrainConfig, "hstn": None}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
+           "sfnet": SFNetTrainConfig, "hstn": None, "results": ResultsConfig}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))

@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # torch loads in the workers, and on the driver only once the
     import numpy as np
     import torch
 
-DEFAULT_MODEL_NAME = "maskflow-sfnet"
 # pair/1 entries (maskflow.stages.affine_pairs; not imported here: it loads torch)
 SOURCE, TARGET = "source.png", "target.png"
 SOURCE_MASK, TARGET_MASK = "source_mask.png", "target_mask.png"
@@ -257,8 +256,9 @@ def main(argv=None):
     from maskflow.train.fit import fit  # torch and Ray load only once the config has parsed
 
     result = fit(plugin_for(cfg))
-    print(f"run {result.run_name}: model {result.model_uri}"
-          + (f", registered as {cfg.registry.model_name} v{result.model_version} @candidate" if result.model_version else ""))
+    registered = f", registered as {cfg.registry.model_name} v{result.model_version} @candidate" \
+        if result.model_version else ""
+    print(f"run {result.run_name}: model {result.model_uri}{registered}")
     return result
 
 

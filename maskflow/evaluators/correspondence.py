@@ -221,7 +221,8 @@ class CorrespondenceEvaluator(Evaluator):
             lines.append(f"{len(landmark_rows)} pairs with landmarks: PCK@0.1 {metrics['pck_landmarks_10']:.4f}, "
                          f"PCK@0.05 {metrics['pck_landmarks_05']:.4f} (landmark box)")
         figures = {"keypoints.png": keypoint_figure(self._shown)} if self._shown else {}
-        return EvalResult(metrics=metrics, rows=list(self.rows), figures=figures, text={"summary.md": "\n".join(lines) + "\n"})
+        return EvalResult(metrics=metrics, rows=list(self.rows), figures=figures,
+                          text={"summary.md": "\n".join(lines) + "\n"})
 
 
 def keypoint_figure(pairs: list[dict]):
@@ -237,7 +238,8 @@ def keypoint_figure(pairs: list[dict]):
         left.scatter(item["points"][:, 0], item["points"][:, 1], s=12, c="yellow", edgecolors="black", linewidths=0.5)
         left.set_title(f"{item['key']}: source, {len(item['points'])} keypoints", fontsize=9)
         right.imshow(schema.load_png(bytes(item["target"])))
-        right.add_collection(LineCollection(np.stack([item["truth"], item["moved"]], 1), colors="white", linewidths=0.8))
+        right.add_collection(LineCollection(np.stack([item["truth"], item["moved"]], 1), colors="white",
+                                            linewidths=0.8))
         right.scatter(item["truth"][:, 0], item["truth"][:, 1], s=12, c="lime", label="truth")
         right.scatter(item["moved"][:, 0], item["moved"][:, 1], s=12, c="red", label="predicted")
         right.set_title(f"target: PCK@0.1 {item['pck_10']:.2f}", fontsize=9)

@@ -5,9 +5,9 @@ baseline (CNNGeometric, Rocco et al., CVPR 2017), on a frozen backbone.
 conv5-3; the CPU variant: the tiny Mask R-CNN body's layer2 and layer3); residual adaptation layers refine each level
 (:class:`ResidualAdaptation`, two conv-BN-ReLU blocks as the released code, 5x5 on the shallow level, 3x3 on the deep
 one), the deep level is upsampled x2 (bilinear, align_corners=True); per level a cosine correlation
-(:func:`ops.sfnet.correlation_4d`), clipped at zero as the released code does (two negative cosines must not make a
-positive score), the two levels multiplied (:func:`ops.sfnet.combine_levels`), and the kernel soft argmax taken both
-ways (:func:`ops.sfnet.sfnet_flows`).
+(:func:`ops.sfnet.correlation_4d`), clipped at zero as the released code does (``relu_correlation``: two negative
+cosines must not make a positive score), the two levels multiplied (:func:`ops.sfnet.combine_levels`), and the kernel
+soft argmax taken both ways (:func:`ops.sfnet.sfnet_flows`).
 
 :class:`AffineRegressionNet`: the same frozen backbone; the deep level's correlation (ReLU, L2-normalised over the
 source positions, CNNGeometric's "feature correlation + normalisation") -> two conv-BN-ReLU -> a linear layer -> the

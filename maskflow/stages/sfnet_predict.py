@@ -22,10 +22,9 @@ entries unchanged (``source.png``, ``target.png``, ``source_mask.png``, ``target
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from maskflow import storage
 from maskflow.config import Uri, require
@@ -34,12 +33,6 @@ from maskflow.models.loading import check_model_uri, resolve_model_uri
 from maskflow.models.sfnet_config import SFNetConfig
 from maskflow.stage import Plan, Reject, Stage, StageJobConfig, WorkUnit, batched, iter_unit_shards, plan_shard_units
 from maskflow.storage import DEFAULT_OPTIONS, StorageOptions
-
-if TYPE_CHECKING:  # torch and the model load in the actors (setup), not when the driver parses the config
-    import numpy as np
-    import torch
-
-log = logging.getLogger(__name__)
 
 KINDS = ("sfnet", "sfnet_affine_baseline")  # the registered kinds this stage runs
 PAIR_ENTRIES = ("source.png", "target.png", "source_mask.png", "target_mask.png", "flow_t2s.npy", "flow_s2t.npy",
