@@ -285,3 +285,31 @@ def test_inference_stage_writes_flows_the_evaluator_scores(pair_samples, tmp_pat
                        for s in out])
     metrics = evaluator.summarize().metrics
     assert 0.0 <= metrics["pck_10"] <= 1.0 and np.isfinite(metrics["epe"]) and metrics["pairs"] == len(out)
+
+
+def test_evaluator_scores_real_landmarks(shared_data):
+    """dlib's face photos (68 landmarks per face, converted as the ingest reads them): the pair carries the landmarks
+    to the target, and the evaluator scores their transfer besides the pseudo-keypoints."""
+    from maskflow.data.convert import dlib_faces_to_coco
+
+    coco, root = dlib_faces_to_coco(str(shared_data / "dlib_faces_landmarks"), splits=("testing",))
+    image = coco["images"][0]
+    meta = {"image_id": image["id"], "source": "dlib_faces", "file_name": image["file_name"],
+            "keypoints": image["keypoints"],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] == image["id"]]}
+    settings = config.build(ap.PairSettings, {"seed": 0, "flip_prob": 0.0, "rotation_deg": 10.0})
+    pair = ap.make_pairs(schema.sample_key(image["id"]), (shared_data / "dlib_faces_landmarks" /
+                                                          image["file_name"]).read_bytes(), meta, settings)[0]
+    raw = {k: (v if k == "__key__" else shards.encode_entry(v)) for k, v in pair.items()}
+    assert sum(pair["pair.json"]["keypoints"]["inside"]) >= 60
+    evaluator = CorrespondenceEvaluator()
+    evaluator.process(prediction_samples([raw], lambda p: (schema.load_npy(p["flow_s2t.npy"]),
+                                                           schema.load_npy(p["flow_t2s.npy"]))))
+    evaluator.process(prediction_samples([raw], lambda p: (np.zeros_like(schema.load_npy(p["flow_s2t.npy"])),) * 2))
+    truth, zero = evaluator.rows
+    assert truth["pck_landmarks_10"] == truth["pck_landmarks_05"] == 1.0
+    assert truth["landmarks"] == sum(pair["pair.json"]["keypoints"]["inside"])
+    assert zero["pck_landmarks_10"] < 1.0
+    metrics = evaluator.summarize().metrics
+    assert metrics["landmark_pairs"] == 2 and metrics["pck_landmarks_10"] == pytest.approx(
+        (1.0 + zero["pck_landmarks_10"]) / 2)
