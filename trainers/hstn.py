@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # torch loads in the workers, and on the driver only once the
     import numpy as np
     import torch
 
+
 @dataclass
 class HSTNClassifierTrainConfig(TrainJobConfig):
     task: Literal["classify"] = "classify"
@@ -170,19 +171,14 @@ PLUGINS = {"classify": (HSTNClassifierTrainConfig, HSTNClassifierPlugin),
 
 
 def parse_config(argv: list[str] | None = None) -> HSTNClassifierTrainConfig | HSTNAlignTrainConfig:
-    """The job's config: ``task`` (``classify`` by default) picks the schema the YAML and overrides are built
-    against."""
-    import argparse
+    """The job's config: its ``task`` (``classify`` | ``align``, in the YAML or as ``task=...``) picks the schema the
+    YAML and the overrides are built against."""
+    def schema_of(task: str) -> type:
+        if task not in PLUGINS:
+            raise config.ConfigError(f"task: must be one of {sorted(PLUGINS)}, got {task!r}")
+        return PLUGINS[task][0]
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (local path or s3:// URI)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loop.epochs=2")
-    args = parser.parse_args(argv)
-    data = config.apply_overrides(config.load_yaml(args.config) if args.config else {}, args.overrides)
-    task = data.get("task", "classify")
-    if task not in PLUGINS:
-        raise config.ConfigError(f"task: must be one of {sorted(PLUGINS)}, got {task!r}")
-    return config.build(PLUGINS[task][0], data)
+    return config.parse_cli_dispatch("task", schema_of, argv, __doc__)[1]
 
 
 def main(argv=None):

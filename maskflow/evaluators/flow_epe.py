@@ -11,7 +11,6 @@ counts once, whatever its size); lower is better. ``EPE_valid`` is the same over
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -77,7 +76,9 @@ class FlowEPE(Evaluator):
     schema = schema.FLOW_PREDICTION_SCHEMA.name
 
     def __init__(self, central_fraction: float = CENTRAL_FRACTION):
-        self.central_fraction = central_fraction
+        if not 0 < central_fraction <= 1:
+            raise ValueError(f"central_fraction must be in (0, 1], got {central_fraction}")
+        self.central_fraction = float(central_fraction)
         self.reset()
 
     def predicted_by(self, sample: dict) -> str | None:
@@ -162,10 +163,3 @@ def overlay_figure(pairs: list[dict], central_fraction: float):
         for ax in row:
             ax.set_axis_off()
     return fig
-
-
-def figure_png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes (no pyplot state involved)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    return buf.getvalue()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Iterator
 
 from maskflow.config import Uri, require
 from maskflow.data import schema
