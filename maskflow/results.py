@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import runpy
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,8 @@ class JobStep:
     overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        require(bool(self.script), "script", "required: e.g. pipelines/predict.py")
+        require(self.script.startswith(("pipelines/", "trainers/")) and self.script.endswith(".py"), "script",
+                "required: a script under pipelines/ or trainers/, e.g. pipelines/predict.py")
         require(os.path.exists(os.path.join(ROOT, self.script)), "script", f"no such script: {self.script}")
         require(not self.config or os.path.exists(os.path.join(ROOT, self.config)), "config",
                 f"no such file: {self.config}")
@@ -95,20 +95,17 @@ def slug(name: str) -> str:
 
 def run_script(step: JobStep, extra: list[str]) -> Any:
     """Run a repository script's ``main(argv)`` in this process (as ``python <script> --config ...`` would) and return
-    what it returns."""
-    path = os.path.join(ROOT, step.script)
+    what it returns. The script is imported by its package name (``trainers/hstn.py`` -> ``trainers.hstn``), so its
+    dataclass configs resolve their annotations and its plugin classes pickle by reference to the Ray workers."""
+    import importlib
+
     argv = (["--config", os.path.join(ROOT, step.config)] if step.config else []) + list(step.overrides) + extra
     log.info("$ python %s %s", step.script, " ".join(argv))
-    directory = os.path.dirname(path)
-    added = directory not in sys.path
-    if added:
+    directory = os.path.dirname(os.path.join(ROOT, step.script))
+    if directory not in sys.path:
         sys.path.insert(0, directory)  # the script's own imports (pipelines/_bootstrap.py)
-    try:
-        module = runpy.run_path(path, run_name="maskflow_results_step")
-    finally:
-        if added:
-            sys.path.remove(directory)
-    return module["main"](argv)
+    module = importlib.import_module(step.script.removesuffix(".py").replace("/", "."))
+    return module.main(argv)
 
 
 def markdown_table(cfg: ResultsConfig, rows: list[dict]) -> str:
