@@ -25,6 +25,8 @@ bench: setup
 	$(BIN)/python bench/proposals_throughput.py
 	$(BIN)/python bench/shard_read.py
 	$(BIN)/python bench/train_loader.py
+	$(BIN)/python bench/train_loader.py --model hstn_cls
+	$(BIN)/python bench/inference.py --kind all
 	$(BIN)/python bench/stages.py
 	for b in bench/ops/*.py; do $(BIN)/python $$b || exit 1; done
 

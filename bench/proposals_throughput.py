@@ -27,9 +27,9 @@ Numbers (images/s unless said; medians over ``--repeats`` alternating runs):
   same steps in this process (plan, setup + warm-up, all units, manifest).
 * ``ready_s``: seconds from the job's start to its first unit starting (start-up + model load + warm-up).
 
-Ray sets ``OMP_NUM_THREADS`` to the actor's CPUs (``compute.cpus_per_worker``, default 1), so torch in the actor
-runs 1 thread while a bare process runs torch's default (one per core). The bare loop is therefore measured twice:
-as a user writes it (``bare``, default threads) and with torch threads matched to the actor (``bare_matched``).
+Both sides run torch at ``compute.cpus_per_worker`` threads: the stage sets them in ``process`` (OpenMP's count is
+per calling thread, and Ray Data calls the actor from a thread of its own); each run records the count it used.
+The timing helpers are shared with bench/inference.py (bench/_stage_bench.py).
 
 Results go to bench/results/proposals_throughput.json (``--data penn_fudan``: proposals_throughput_penn_fudan.json).
 """
@@ -48,20 +48,18 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
 from _results import write_result  # noqa: E402
-from maskflow import config, shards, stage, storage  # noqa: E402
+from _stage_bench import (TimedUnits, compare, machine, print_table, run_in_process, side_by_side,  # noqa: E402
+                          time_bare, time_ray)
+from maskflow import config  # noqa: E402
 from maskflow.data.coco import write_coco_json  # noqa: E402
 from maskflow.models.maskrcnn import MaskRCNNConfig, build_maskrcnn  # noqa: E402
-from maskflow.stage import Count, WorkUnit  # noqa: E402
 from maskflow.stages.ingest import IngestConfig, IngestStage  # noqa: E402
 from maskflow.stages.proposals import ProposalsConfig, ProposalsStage  # noqa: E402
 
@@ -69,33 +67,18 @@ RESULTS = os.path.join(ROOT, "bench", "results", "proposals_throughput.json")
 PENN_FUDAN = os.path.join(os.path.dirname(ROOT), "shared", "data", "penn_fudan_ped")
 
 
-class BenchProposalsStage(ProposalsStage):
-    """ProposalsStage plus a warm-up forward pass in ``setup()`` and two diagnostic counts per unit (torch threads,
-    wall-clock start time in ms). Counts only reach the unit's record and the manifest's ``counts``, never a shard.
-    """
+class BenchProposalsStage(TimedUnits, ProposalsStage):
+    """ProposalsStage with the benchmark's per-unit counts (:class:`_stage_bench.TimedUnits`) and, as its warm-up,
+    one forward pass on a dummy batch of ``warmup_size`` images."""
 
     warmup_size = (128, 128)
 
-    def setup(self) -> None:
-        super().setup()
+    def warm_up(self) -> None:
         n = self.cfg.proposals.batch_size
         gen = torch.Generator().manual_seed(0)
         dummy = [torch.rand(3, *self.warmup_size, generator=gen) for _ in range(n)]
         with torch.inference_mode():
             self.model([d.to(self.device) for d in dummy])
-
-    def process(self, unit: WorkUnit):
-        yield Count("unit_start_ms", int(time.time() * 1000))  # wall clock: process_unit's timer starts here too
-        yield Count("torch_threads", torch.get_num_threads())
-        yield from super().process(unit)
-
-
-def quiet_ray_data() -> None:
-    """No periodic progress lines from Ray Data (they would bury the results)."""
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------------------------- data + model
@@ -120,18 +103,6 @@ def make_dataset(args, work: str) -> tuple[str, str, str]:
     path = os.path.join(work, "penn_fudan.json")
     write_coco_json(coco, path)
     return path, images, "penn_fudan"
-
-
-def run_in_process(st: stage.Stage, out: str, job_config) -> tuple[dict, list[dict]]:
-    """A stage's whole job without Ray: setup, process_unit per unit, manifest. Returns (manifest, records)."""
-    plan = st.plan()
-    fingerprint = stage.job_fingerprint(st, plan)
-    st.setup()
-    records = {}
-    for unit in plan.units:
-        records[unit.index] = stage.process_unit(st, unit, out, fingerprint, storage.DEFAULT_OPTIONS)
-    manifest = stage._seal(st, plan, records, out, fingerprint, job_config, storage.DEFAULT_OPTIONS)
-    return manifest, [records[u.index] for u in plan.units]
 
 
 def ingest(args, work: str) -> tuple[str, dict]:
@@ -168,52 +139,6 @@ def proposals_config(args, images_uri: str, ckpt: str, arch: dict, out: str) -> 
     })
 
 
-# --------------------------------------------------------------------------------------------- the two sides
-
-
-def summarise(records: list[dict], wall: float, t0_epoch: float) -> dict:
-    images = sum(r["samples"] for r in records)
-    busy = sum(r["seconds"] for r in records)
-    threads = sorted({r["counts"]["torch_threads"] for r in records})
-    starts = [r["counts"]["unit_start_ms"] / 1000 for r in records]
-    ends = [s + r["seconds"] for s, r in zip(starts, records)]
-    span = max(ends) - min(starts)
-    return {"images": images, "units": len(records), "e2e_s": round(wall, 3), "e2e_ips": round(images / wall, 2),
-            "busy_s": round(busy, 3), "steady_ips": round(images / busy, 2), "span_s": round(span, 3),
-            "span_ips": round(images / span, 2), "ready_s": round(min(starts) - t0_epoch, 3), "torch_threads": threads}
-
-
-def run_bare(args, images_uri, ckpt, arch, work, tag, threads: int | None = None) -> dict:
-    out = os.path.join(work, f"bare-{tag}")
-    cfg = proposals_config(args, images_uri, ckpt, arch, out)
-    default_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        t0, t0_epoch = time.perf_counter(), time.time()
-        manifest, records = run_in_process(BenchProposalsStage(cfg), out, cfg)
-        wall = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(default_threads)
-    res = summarise(records, wall, t0_epoch)
-    res["manifest_samples"] = manifest["samples"]
-    return res
-
-
-def run_ray(args, images_uri, ckpt, arch, work, tag) -> dict:
-    out = os.path.join(work, f"ray-{tag}")
-    cfg = proposals_config(args, images_uri, ckpt, arch, out)
-    t0, t0_epoch = time.perf_counter(), time.time()
-    manifest = stage.run_stage(BenchProposalsStage(cfg), cfg.output, cfg.compute, None, cfg, storage.DEFAULT_OPTIONS,
-                               cfg.ray)
-    wall = time.perf_counter() - t0
-    records = [json.loads(storage.read_text(os.path.join(out, shards.record_name(i))))
-               for i in range(len(manifest["shards"]))]
-    res = summarise(records, wall, t0_epoch)
-    res["manifest_samples"] = manifest["samples"]
-    return res
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -228,15 +153,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--top-k", type=int, default=0, help="0: conf/demo.yaml's proposals.top_k")
     ap.add_argument("--repeats", type=int, default=2, help="alternating bare/ray pairs; medians are reported")
     ap.add_argument("--num-cpus", type=int, default=2, help="embedded ray.init(num_cpus=...)")
-    ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="compute.cpus_per_worker of the Ray actor")
-    ap.add_argument("--sides", default="bare,bare_matched,ray", help="which of bare,bare_matched,ray to run")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0,
+                    help="compute.cpus_per_worker of the Ray actor (= torch threads on both sides)")
+    ap.add_argument("--sides", default="bare,ray", help="which of bare,ray to run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default: bench/results/proposals_throughput[_penn_fudan].json")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed afterwards")
     args = ap.parse_args(argv)
     if args.data == "penn_fudan" and args.images == 64:
         args.images = 24  # full-resolution post-processing (mask paste, RLE, IoU) makes these ~4x slower per image
-    sides = set(args.sides.split(","))
+    sides = [s for s in ("bare", "ray") if s in args.sides.split(",")]
     if args.out is None:
         args.out = RESULTS if args.data == "synthetic" else RESULTS.replace(".json", f"_{args.data}.json")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -254,83 +180,31 @@ def main(argv=None) -> dict:
         images_uri, ing = ingest(args, work)
         ingest_s = time.perf_counter() - t0
         ckpt, arch = make_checkpoint(work, args.seed)
-        print(f"ingested {ing['samples']} {args.data} images into {len(ing['shards'])} shards in {ingest_s:.1f}s; "
-              f"bare torch threads: {torch.get_num_threads()}", flush=True)
+        print(f"ingested {ing['samples']} {args.data} images into {len(ing['shards'])} shards in {ingest_s:.1f}s",
+              flush=True)
 
-        # Ray sets OMP_NUM_THREADS to the actor's CPUs, so torch in the actor runs that many threads; the bare loop
-        # runs torch's default (all cores) unless told otherwise. Both bare variants are measured.
-        matched = max(1, int(args.cpus_per_worker))
-        runs: dict[str, list[dict]] = {"bare": [], "bare_matched": [], "ray": []}
-        ray_init_s = None
-        for rep in range(args.repeats):
-            if "bare" in sides:
-                runs["bare"].append(run_bare(args, images_uri, ckpt, arch, work, f"{rep}"))
-                print(f"  bare         #{rep}: {runs['bare'][-1]}", flush=True)
-            if "bare_matched" in sides and matched != torch.get_num_threads():
-                runs["bare_matched"].append(run_bare(args, images_uri, ckpt, arch, work, f"{rep}-t{matched}", matched))
-                print(f"  bare_matched #{rep}: {runs['bare_matched'][-1]}", flush=True)
-            if "ray" not in sides:
-                continue
-            if ray_init_s is None:
-                import ray
+        def run_side(side: str, rep: int) -> dict:
+            cfg = proposals_config(args, images_uri, ckpt, arch, os.path.join(work, f"{side}-{rep}"))
+            st = BenchProposalsStage(cfg)
+            return time_bare(st, cfg) if side == "bare" else time_ray(st, cfg)
 
-                t = time.perf_counter()
-                ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-                quiet_ray_data()
-                ray_init_s = time.perf_counter() - t
-            runs["ray"].append(run_ray(args, images_uri, ckpt, arch, work, rep))
-            print(f"  ray          #{rep}: {runs['ray'][-1]}", flush=True)
-        if ray_init_s is not None:
-            import ray
-
-            ray.shutdown()
+        runs, ray_init_s = side_by_side(sides, args.repeats, run_side, args.num_cpus)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    runs = {side: r for side, r in runs.items() if r}
-
-    def med(side, key):
-        vals = [r[key] for r in runs.get(side, []) if key in r]
-        return round(statistics.median(vals), 2) if vals else None
-
-    summary: dict = {"ray_init_s": round(ray_init_s, 2) if ray_init_s is not None else None, "target": 0.9}
-    for side in runs:
-        for key in ("steady_ips", "span_ips", "e2e_ips", "ready_s"):
-            v = med(side, key)
-            if v is not None:
-                summary[f"{side}.{key}"] = v
-        summary[f"{side}.torch_threads"] = runs[side][0]["torch_threads"]
-    for base in [b for b in ("bare", "bare_matched") if b in runs and "ray" in runs]:
-        summary[f"ratio_steady_vs_{base}"] = round(summary["ray.steady_ips"] / summary[f"{base}.steady_ips"], 3)
-        summary[f"ratio_span_vs_{base}"] = round(summary["ray.span_ips"] / summary[f"{base}.span_ips"], 3)
-        summary[f"ratio_e2e_vs_{base}"] = round(summary["ray.e2e_ips"] / summary[f"{base}.e2e_ips"], 3)
-
+    summary = compare(runs, ray_init_s)
     result = {
         "benchmark": "proposals_throughput",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "ray": __import__("ray").__version__, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
         "params": {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "penn_fudan_root")},
         "model": {"arch": "tiny_fpn (conf/demo.yaml model block)", "weights": f"random, torch.manual_seed({args.seed})",
                   "top_k": proposals_config(args, "x", "x.pt", arch, "x").proposals.top_k},
         "summary": summary,
         "runs": runs,
     }
-
-    sides = list(runs)
-    bases = [b for b in sides if b != "ray"] if "ray" in runs else []
-    label = {"bare": "bare", "bare_matched": f"bare {matched}thr", "ray": "ray 1 actor"}
     print()
-    print(f"{'images/s (median of ' + str(args.repeats) + ')':<26}" + "".join(f"{label[s]:>14}" for s in sides)
-          + "".join(f"{'ray/' + label[b]:>18}" for b in bases))
-    for key, name in (("steady_ips", "steady (sum of units)"), ("span_ips", "steady (first..last unit)"),
-                      ("e2e_ips", "end-to-end job"), ("ready_s", "seconds to first unit")):
-        row = "".join(f"{summary.get(f'{s}.{key}', ''):>14}" for s in sides)
-        rkey = key.split("_")[0]
-        row += "".join(f"{summary.get(f'ratio_{rkey}_vs_{b}', ''):>18}" for b in bases)
-        print(f"{name:<26}{row}")
-    print("torch threads: " + ", ".join(f"{label[s]}={summary[f'{s}.torch_threads']}" for s in sides)
-          + f"; ray.init {summary['ray_init_s']}s (in no figure); target ratio >= {summary['target']}")
+    print_table(summary, list(runs), {"bare": "bare", "ray": "ray 1 actor"}, "images/s", args.repeats)
     write_result(result, args.out)
     return result
 

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from _results import write_result  # noqa: E402
-from proposals_throughput import quiet_ray_data, run_in_process  # noqa: E402
+from _stage_bench import quiet_ray_data, run_in_process  # noqa: E402
 from maskflow import config, shards, stage, storage  # noqa: E402
 from maskflow.data.coco import write_coco_json  # noqa: E402
 from maskflow.data.convert import davis_to_coco, penn_fudan_to_coco  # noqa: E402
