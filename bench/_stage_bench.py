@@ -12,15 +12,17 @@ shards, both writing their output shards, records and manifest:
   in this process, then the manifest (:func:`run_in_process`).
 
 The stage class is wrapped by :func:`timed` (a :class:`TimedUnits` subclass): a warm-up in ``setup()`` and, per unit,
-two diagnostic counts in the unit's record (``unit_start_ms``: the wall clock when the unit started;
-``torch_threads``: torch's intra-op threads when it ended, i.e. what the stage's ``process`` ran with). Counts reach
+diagnostic counts in the unit's record (``unit_start_ms``: the wall clock when the unit started; ``unit_cpu_ms``: the
+process's CPU time while ``process`` ran; ``torch_threads``: torch's intra-op threads when it ended, i.e. what the
+stage's ``process`` ran with). Counts reach
 only records and the manifest's ``counts``, never a shard. Figures per run (:func:`summarise`; samples/s unless said):
 
 * ``steady``: samples / summed ``process_unit`` seconds (read + decode + infer + build + encode + write);
 * ``span``: samples / (last unit's end - first unit's start) on the worker's clock: steady plus the gaps between units;
 * ``e2e``: samples / wall time of the whole job (plan, Ray Data and actor start-up, model load, warm-up, units,
   manifest); ``ray.init`` excluded;
-* ``ready``: seconds from the job's start to its first unit.
+* ``ready``: seconds from the job's start to its first unit;
+* ``cpu_ms_per_sample``: the process's CPU time (all threads) while ``process`` built the units' samples, per sample.
 
 Each run also records the 1-minute load average before and after it (``/proc/loadavg``: this box is shared).
 """
