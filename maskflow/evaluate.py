@@ -93,6 +93,25 @@ class Evaluator(abc.ABC):
     def summarize(self) -> EvalResult:
         """The metrics (with :attr:`metric`), per-item rows, figures and text of everything processed."""
 
+    def compare(self, result: EvalResult, baseline: "Evaluator", baseline_result: EvalResult,
+                labels: tuple[str, str]) -> EvalResult:
+        """One result for predictions scored beside a baseline's predictions of the same items (refined against
+        unrefined proposals): ``result``'s metrics, the baseline's as ``<baseline label>/<metric>``, and the relative
+        change of each, ``gain/<metric>`` = (ours - baseline) / |baseline|; the baseline's figures and text under
+        its label. ``baseline`` is an evaluator of the same class that has processed the baseline (override to
+        draw both in one figure, as :class:`maskflow.evaluators.proposal_ar.ProposalAR` does)."""
+        label, base_label = labels
+        metrics = dict(result.metrics)
+        for name, value in baseline_result.metrics.items():
+            metrics[f"{base_label}/{name}"] = value
+            ours = result.metrics.get(name)
+            if ours is not None and value not in (0, None) and value == value and ours == ours:  # skip 0 and NaN
+                metrics[f"gain/{name}"] = (float(ours) - float(value)) / abs(float(value))
+        figures = {**result.figures, **{f"{base_label}_{k}": v for k, v in baseline_result.figures.items()}}
+        text = {**result.text, **{f"{base_label}_{k}": v for k, v in baseline_result.text.items()}}
+        series = {**result.series, **{f"{base_label}/{k}": v for k, v in baseline_result.series.items()}}
+        return EvalResult(metrics=metrics, rows=result.rows, figures=figures, text=text, series=series)
+
     def predicted_by(self, sample: dict) -> str | None:
         """The model URI a prediction sample records as its maker (e.g. ``models:/name/3``), or None if the schema
         records none. Checked against the evaluated model version on the first sample."""
@@ -108,6 +127,11 @@ class EvaluateConfig(Common):
     evaluator: str = ""
     predictions: Uri = ""  # a stage output (directory with manifest.json) of the evaluator's sample schema
     model: Uri = ""  # models:/name/N or models:/name@alias: the version the metrics are written onto ("" = none)
+    # Another stage output of the same items and schema to score beside ``predictions`` in the same run (FFD-Net:
+    # the unrefined proposals the refined ones came from): its metrics as <baseline_label>/<metric>, the relative
+    # gains as gain/<metric>, both curves in one figure.
+    baseline: Uri = ""
+    labels: list[str] = field(default_factory=lambda: ["model", "baseline"])  # names of predictions, baseline
     batch_size: int = 64  # samples per process() call
     options: dict[str, Any] = field(default_factory=dict)  # the evaluator's constructor arguments
 
@@ -121,6 +145,10 @@ class EvaluateConfig(Common):
         if self.evaluator:
             kinds.evaluator_path(self.evaluator, "evaluator")
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(len(self.labels) == 2 and all(self.labels) and self.labels[0] != self.labels[1]
+                and all("/" not in x for x in self.labels), "labels",
+                f"two distinct names without '/' (predictions, baseline); got {self.labels}")
+        require(self.baseline != self.predictions, "baseline", "must be another stage output than predictions")
 
 
 # --------------------------------------------------------------------------------------------- the job
@@ -156,6 +184,9 @@ def evaluate_job(cfg: EvaluateConfig, evaluator: Evaluator | None = None) -> dic
 
     options = cfg.storage.options()
     manifest, digest = read_predictions_manifest(cfg.predictions, options)
+    base_manifest = base_digest = None
+    if cfg.baseline:
+        base_manifest, base_digest = read_predictions_manifest(cfg.baseline, options, key="baseline")
     if evaluator is None and cfg.evaluator:
         evaluator = build_evaluator(cfg.evaluator, cfg.options)
     if evaluator is not None:  # another kind of sample fails here, before MLflow is even set up
@@ -183,7 +214,16 @@ def evaluate_job(cfg: EvaluateConfig, evaluator: Evaluator | None = None) -> dic
             check_predictions_model(evaluator.predicted_by(sample), pinned, cfg.predictions,
                                     where=f"its sample {sample.get('__key__')}")
 
-    result = score(evaluator, cfg.predictions, manifest, cfg.batch_size, options, check_first_sample)
+    if base_manifest is not None:
+        check_schema(base_manifest, evaluator, cfg.baseline, key="baseline")
+    keys: list[str] = []
+    result = score(evaluator, cfg.predictions, manifest, cfg.batch_size, options, check_first_sample, keys)
+    if base_manifest is not None:
+        baseline = build_evaluator(evaluator_name_or_path(evaluator), cfg.options)
+        base_keys: list[str] = []
+        base_result = score(baseline, cfg.baseline, base_manifest, cfg.batch_size, options, None, base_keys)
+        check_same_items(keys, base_keys, cfg.predictions, cfg.baseline)
+        result = evaluator.compare(result, baseline, base_result, (cfg.labels[0], cfg.labels[1]))
     if evaluator.metric not in result.metrics:
         raise ValueError(f"evaluator {evaluator.name!r} declares metric {evaluator.metric!r} but summarize() "
                          f"returned {sorted(result.metrics)}")
@@ -192,6 +232,9 @@ def evaluate_job(cfg: EvaluateConfig, evaluator: Evaluator | None = None) -> dic
     tags = {"maskflow.predictions": cfg.predictions, "maskflow.predictions_sha256": digest,
             "maskflow.predictions_schema": str(manifest.get("schema")), "maskflow.evaluator": evaluator.name,
             "maskflow.metric": evaluator.metric, "maskflow.higher_is_better": str(evaluator.higher_is_better).lower()}
+    if base_manifest is not None:
+        tags.update({"maskflow.baseline": cfg.baseline, "maskflow.baseline_sha256": str(base_digest),
+                     "maskflow.labels": ",".join(cfg.labels)})
     if pinned is not None:
         tags.update({"maskflow.model_name": model_name, "maskflow.model_version": model_version,
                      "maskflow.model_uri": pinned})
@@ -199,6 +242,8 @@ def evaluate_job(cfg: EvaluateConfig, evaluator: Evaluator | None = None) -> dic
         run_id = run.info.run_id
         log_result(run_id, result, metrics)
         log_predictions_input(cfg.predictions, digest, manifest)
+        if base_manifest is not None:
+            log_predictions_input(cfg.baseline, str(base_digest), base_manifest, context="baseline")
     if pinned is not None:
         tracking.record_evaluation(model_name, model_version, metrics, run_id, metric=evaluator.metric,
                                    higher_is_better=evaluator.higher_is_better)
@@ -214,28 +259,47 @@ def evaluate_job(cfg: EvaluateConfig, evaluator: Evaluator | None = None) -> dic
 # --------------------------------------------------------------------------------------------- the checks
 
 
-def read_predictions_manifest(uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> tuple[dict, str]:
-    """(manifest, sha256 hex of its bytes) of a finished stage output; one line naming ``predictions`` if there is
-    none (an unfinished or missing output)."""
+def read_predictions_manifest(uri: str, options: StorageOptions = DEFAULT_OPTIONS, key: str = "predictions") \
+        -> tuple[dict, str]:
+    """(manifest, sha256 hex of its bytes) of a finished stage output; one line naming ``key`` if there is none (an
+    unfinished or missing output)."""
     from maskflow import shards
 
     path = storage.join(uri, shards.MANIFEST)
-    storage.check_uri(path, for_write=False, options=options, what="predictions (manifest)")
+    storage.check_uri(path, for_write=False, options=options, what=f"{key} (manifest)")
     data = storage.read_bytes(path, options)
     try:
         manifest = json.loads(data)
     except ValueError as e:
-        raise ConfigError(f"predictions: {path} is not a stage manifest ({e})") from None
+        raise ConfigError(f"{key}: {path} is not a stage manifest ({e})") from None
     return manifest, hashlib.sha256(data).hexdigest()
 
 
-def check_schema(manifest: dict, evaluator: Evaluator, uri: str) -> None:
+def check_schema(manifest: dict, evaluator: Evaluator, uri: str, key: str = "predictions") -> None:
     """Predictions of another sample schema than the evaluator reads: one line (a manifest from before schemas were
     recorded passes)."""
     found = manifest.get("schema")
     if found is not None and found != evaluator.schema:
-        raise ConfigError(f"predictions: {uri} holds {found} samples; evaluator {evaluator.name!r} reads "
+        raise ConfigError(f"{key}: {uri} holds {found} samples; evaluator {evaluator.name!r} reads "
                           f"{evaluator.schema}")
+
+
+def evaluator_name_or_path(evaluator: Evaluator) -> str:
+    """How :func:`build_evaluator` finds ``evaluator``'s class again (its table name, else its import string)."""
+    cls = type(evaluator)
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    return evaluator.name if kinds.EVALUATORS.get(evaluator.name) == path else path
+
+
+def check_same_items(keys: list[str], base_keys: list[str], uri: str, base_uri: str) -> None:
+    """A comparison means something only over the same items: one line naming ``baseline`` otherwise."""
+    ours, theirs = set(keys), set(base_keys)
+    if ours != theirs:
+        only_ours, only_theirs = sorted(ours - theirs), sorted(theirs - ours)
+        example = (f"{only_ours[0]} only in {uri}" if only_ours else f"{only_theirs[0]} only in {base_uri}")
+        raise ConfigError(f"baseline: {base_uri} and {uri} hold different items ({len(only_ours)} only in the "
+                          f"predictions, {len(only_theirs)} only in the baseline; e.g. {example}): compare outputs "
+                          "made from the same input")
 
 
 def manifest_model_uri(manifest: dict) -> str | None:
@@ -275,10 +339,11 @@ def check_predictions_model(made_by: str | None, pinned: str, uri: str, where: s
 
 
 def score(evaluator: Evaluator, uri: str, manifest: dict, batch_size: int,
-          options: StorageOptions = DEFAULT_OPTIONS, check_first_sample: Callable[[dict], None] | None = None) \
-        -> EvalResult:
+          options: StorageOptions = DEFAULT_OPTIONS, check_first_sample: Callable[[dict], None] | None = None,
+          keys: list[str] | None = None) -> EvalResult:
     """Feed every sample of a finished stage output to ``evaluator`` in batches, shard by shard with a progress
-    line each (and a bar on a terminal), checking each sample against its manifest checksum; then summarize."""
+    line each (and a bar on a terminal), checking each sample against its manifest checksum; then summarize.
+    ``keys``, if given, receives every sample's key."""
     from maskflow import shards
     from maskflow.stage import InputShard, Reject, UnitProgress, iter_input_shard
 
@@ -301,6 +366,8 @@ def score(evaluator: Evaluator, uri: str, manifest: dict, batch_size: int,
                 if first and check_first_sample is not None:
                     check_first_sample(sample)
                 first = False
+                if keys is not None:
+                    keys.append(sample.get("__key__"))
                 batch.append(sample)
                 if len(batch) == batch_size:
                     evaluator.process(batch)
@@ -352,7 +419,7 @@ def log_result(run_id: str, result: EvalResult, metrics: dict[str, float]) -> No
         mlflow.log_text(text, name)
 
 
-def log_predictions_input(uri: str, digest: str, manifest: dict) -> None:
+def log_predictions_input(uri: str, digest: str, manifest: dict, context: str = "evaluation") -> None:
     """The predictions as the run's MLflow dataset input (source URI, digest, schema); a courtesy beside the
     ``maskflow.predictions_sha256`` tag, so a failure here only warns."""
     import mlflow
@@ -367,7 +434,7 @@ def log_predictions_input(uri: str, digest: str, manifest: dict) -> None:
             source = resolve_dataset_source(source_uri)
         dataset = MetaDataset(source, name=f"{manifest.get('stage') or 'predictions'}:{storage.basename(uri)}",
                               digest=digest[:MLFLOW_DIGEST_CHARS])
-        mlflow.log_input(dataset, context="evaluation",
+        mlflow.log_input(dataset, context=context,
                          tags={"schema": str(manifest.get("schema")), "samples": str(manifest.get("samples"))})
     except Exception as e:  # noqa: BLE001 - the tag holds the digest; the dataset entry is for the UI
         log.warning("predictions not logged as a dataset input: %s: %s", type(e).__name__, e)

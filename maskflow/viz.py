@@ -115,29 +115,40 @@ def png_bytes(image) -> bytes:
 def recall_curves_figure(result: dict, title: str = ""):
     """Two panels like Fig. 5 of FFD-Net (Zhang & He, ICCV 2017, sec. 4.2.1): (a) AR vs number of proposals,
     (b) recall vs IoU threshold for each k. ``result`` is :func:`ops.metrics.proposal_recall`'s dict (``recall``
-    {k: (T,)}, ``thresholds`` (T,), ``AR@k``). Returns a ``matplotlib.figure.Figure``."""
+    {k: (T,)}, ``thresholds`` (T,), ``AR@k``), or ``{label: such a dict}`` to draw several sets of proposals of the
+    same images in the same panels (refined against unrefined: one colour per label, one line style per k).
+    Returns a ``matplotlib.figure.Figure``."""
     from matplotlib.figure import Figure
 
-    ks = sorted(int(k) for k in result["recall"])
-    thr = np.asarray(result["thresholds"], dtype=np.float64)
+    results = {"": result} if "recall" in result else dict(result)
     fig = Figure(figsize=(10, 4))
     ax_a, ax_b = fig.subplots(1, 2)
-    ars = [result.get(f"AR@{k}", float(np.mean(result["recall"][k]))) for k in ks]
-    ax_a.plot(ks, ars, marker="o")
-    if len(ks) > 1 and ks[0] > 0:
-        ax_a.set_xscale("log")
+    styles = ["-", "--", ":", "-."]
+    thr = np.zeros(1)
+    for i, (label, res) in enumerate(results.items()):
+        colour = f"C{i}"
+        ks = sorted(int(k) for k in res["recall"])
+        thr = np.asarray(res["thresholds"], dtype=np.float64)
+        ars = [res.get(f"AR@{k}", float(np.mean(res["recall"][k]))) for k in ks]
+        ax_a.plot(ks, ars, marker="o", color=colour, label=label or None)
+        for j, k in enumerate(ks):
+            name = f"{label}, {k} proposals" if label else f"{k} proposals"
+            ax_b.plot(thr, np.asarray(res["recall"][k]), marker=".", color=colour if label else f"C{j}",
+                      linestyle=styles[j % len(styles)] if label else "-", label=name)
+        if len(ks) > 1 and ks[0] > 0:
+            ax_a.set_xscale("log")
     ax_a.set_xlabel("number of proposals")
     ax_a.set_ylabel(f"average recall (IoU {thr.min():.2f}-{thr.max():.2f})")
     ax_a.set_ylim(0.0, 1.0)
     ax_a.grid(True, alpha=0.3)
     ax_a.set_title("(a) AR vs. number of proposals")
-    for k in ks:
-        ax_b.plot(thr, np.asarray(result["recall"][k]), marker=".", label=f"{k} proposals")
+    if len(results) > 1:
+        ax_a.legend()
     ax_b.set_xlabel("IoU threshold")
     ax_b.set_ylabel("recall")
     ax_b.set_ylim(0.0, 1.0)
     ax_b.grid(True, alpha=0.3)
-    ax_b.legend()
+    ax_b.legend(fontsize="small")
     ax_b.set_title("(b) recall vs. IoU threshold")
     if title:
         fig.suptitle(title)

@@ -7,6 +7,12 @@ onto the model version, whose recorded headline metric and direction promotion t
 
 ``evaluator`` is a name (``proposal_ar``, ...) or empty: then the evaluator of the model's kind. Evaluator options go
 under ``options.`` (e.g. ``options.max_proposals=[10,100]``). See maskflow.evaluate.
+
+Against a baseline in the same run (FFD-Net: refined against the unrefined proposals of the same images; both curves
+in one figure, ``gain/AR_100``, the IoU-bin table):
+
+    python pipelines/evaluate.py --config conf/eval/proposals.yaml predictions=runs/refined/penn_fudan_val \
+        baseline=runs/proposals/penn_fudan_val "labels=[refined, unrefined]" model=models:/maskflow-ffdnet@candidate
 """
 
 import _bootstrap  # noqa: F401  (repository on sys.path)

@@ -44,11 +44,11 @@ def register_champion(base: Path, checkpoint: str, arch: dict) -> str:
     import mlflow
 
     from maskflow import tracking
-    from maskflow.models.loading import load_maskrcnn
+    from maskflow.models.loading import load_proposal_model
     from maskflow.models.maskrcnn_config import MaskRCNNConfig
 
     tracking.setup(tracking.TrackingConfig(tracking_uri=f"sqlite:///{base}/runs/mlflow.db"))
-    model = load_maskrcnn(checkpoint, MaskRCNNConfig(**arch))
+    model = load_proposal_model(checkpoint, MaskRCNNConfig(**arch))
     with mlflow.start_run(run_name="register-for-cluster-test") as run:
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
     version = tracking.register_logged_model(info.model_uri, MODEL_NAME, run.info.run_id)

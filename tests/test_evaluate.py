@@ -299,7 +299,7 @@ def test_model_uri_of_the_wrong_kind_is_refused(tracking_cfg, tmp_path, monkeypa
                                f"output.uri={tmp_path / 'out'}", "model.uri=models:/tiny-hstn@candidate",
                                f"tracking.tracking_uri={tracking_cfg.tracking_uri}"])
     assert str(err.value) == (f"model.uri: models:/tiny-hstn@candidate (version {hstn}) is a 'hstn' model; this job "
-                              "needs 'maskrcnn'")
+                              "needs 'maskrcnn' or 'sharpmask'")
     assert not (tmp_path / "out").exists()
 
 
@@ -314,7 +314,7 @@ def test_evaluate_script_config_error_before_heavy_imports():
     assert done.stderr.strip().startswith("error: evaluator: unknown evaluator 'nope'")
 
 
-def pf_proposals(out: Path, model_uri: str, images: int = 8) -> str:
+def pf_proposals(out: Path, model_uri: str, images: int = 8, max_shift: int = 12) -> str:
     """proposals/1 samples for real Penn-Fudan images and masks, as the proposals stage writes them, with proposals
     made from the ground truth (shifted, cut, duplicated, random) instead of a model; IoUs from ops.masks."""
     from PIL import Image
@@ -332,7 +332,8 @@ def pf_proposals(out: Path, model_uri: str, images: int = 8) -> str:
         h, w = label.shape
         upper = gt.copy()
         upper[:, h // 2:] = 0  # the upper half of each pedestrian
-        props = np.concatenate([shift_masks(gt, int(rng.integers(-12, 13)), int(rng.integers(-12, 13)))
+        props = np.concatenate([shift_masks(gt, int(rng.integers(-max_shift, max_shift + 1)),
+                                            int(rng.integers(-max_shift, max_shift + 1)))
                                 for _ in range(6)] + [upper, rng.random((4, h, w)) > 0.5])
         gt_rles, prop_rles = encode_masks(gt), encode_masks(props.astype(np.uint8))
         iou = mask_iou(prop_rles, gt_rles)
@@ -389,3 +390,55 @@ def test_proposal_ar_through_the_harness_on_penn_fudan(tracking_cfg, tmp_path, c
     decision = tracking.promote("pf-maskrcnn")
     assert decision["promoted"] and decision["metric"] == "AR_100" and decision["higher_is_better"] is True
     assert decision["candidate_value"] == pytest.approx(expected["AR@100"])
+
+
+def test_refined_against_unrefined_proposals_in_one_run(tracking_cfg, tmp_path):
+    """FFD-Net's evaluation: refined and unrefined proposals of the same images scored in one MLflow run — both AR
+    tables, the relative gain, both curves in one figure, the IoU-bin table — and AR@1000 left out when no image has
+    more than 100 proposals. A baseline over other images is refused in one line naming ``baseline``."""
+    import mlflow
+
+    from maskflow.evaluators.proposal_ar import evaluate_proposal_samples
+
+    # "refined": the same generator's recipe with the masks shifted less (same seed: same random proposals)
+    unrefined = pf_proposals(tmp_path / "unrefined", "models:/gen/1", max_shift=12)
+    refined = pf_proposals(tmp_path / "refined", "models:/ffd/1", max_shift=3)
+    before = evaluate_proposal_samples(shards.iter_samples(unrefined), max_proposals=(10, 100))
+    after = evaluate_proposal_samples(shards.iter_samples(refined), max_proposals=(10, 100))
+    assert after["AR@100"] > before["AR@100"] > 0
+
+    result = evaluate_job(build(EvaluateConfig, {
+        "evaluator": "proposal_ar", "predictions": refined, "baseline": unrefined, "labels": ["refined", "unrefined"],
+        "tracking": {"tracking_uri": tracking_cfg.tracking_uri, "experiment": tracking_cfg.experiment}}))
+    metrics = result["metrics"]
+    assert metrics["AR_100"] == after["AR@100"] and metrics["unrefined/AR_100"] == before["AR@100"]
+    assert metrics["gain/AR_100"] == pytest.approx((after["AR@100"] - before["AR@100"]) / before["AR@100"])
+    assert "AR_1000" not in metrics and "unrefined/AR_1000" not in metrics  # at most 7 G + 4 proposals an image
+    assert metrics["num_proposals_max"] < 100
+    assert "AR@1000 not reported" in result["text"]["ar_table.txt"]
+    run = mlflow.MlflowClient().get_run(result["run_id"])
+    assert run.data.tags["maskflow.baseline"] == unrefined and run.data.tags["maskflow.labels"] == "refined,unrefined"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"recall_curves.png", "iou_bins.txt", "ar_table.txt", "items.csv"} <= artifacts
+    assert not any(a.startswith("unrefined_recall") for a in artifacts)  # one figure holds both
+    bins = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/iou_bins.txt").splitlines()
+    assert bins[0].split()[:3] == ["initial", "IoU", "proposals"] and len(bins) == 6
+
+    with pytest.raises(ConfigError, match=r"^baseline: .* hold different items \(0 only in the predictions, 2 only"):
+        evaluate_job(build(EvaluateConfig, {
+            "evaluator": "proposal_ar", "predictions": pf_proposals(tmp_path / "six", "models:/ffd/1", images=6),
+            "baseline": unrefined, "tracking": {"tracking_uri": tracking_cfg.tracking_uri}}))
+
+
+def test_iou_bin_table_pairs_proposals_by_image_and_position():
+    """FFD-Net's IoU-bin table (sec. 4.2.1) from hand-made best IoUs: bins by the initial IoU, means before and
+    after, relative gain; an image only one side has is left out."""
+    from maskflow.evaluators.proposal_ar import iou_bin_table
+
+    before = {"a": np.array([0.55, 0.58, 0.75, 0.2], np.float32), "b": np.array([0.95]), "gone": np.array([0.6])}
+    after = {"a": np.array([0.65, 0.68, 0.76, 0.9], np.float32), "b": np.array([0.9]), "new": np.array([0.7])}
+    rows = {round(r["low"], 1): r for r in iou_bin_table(before, after)}
+    assert rows[0.5]["proposals"] == 2 and rows[0.5]["before"] == pytest.approx(0.565)
+    assert rows[0.5]["after"] == pytest.approx(0.665) and rows[0.5]["gain"] == pytest.approx(0.1 / 0.565)
+    assert rows[0.6]["proposals"] == 0 and np.isnan(rows[0.6]["after"])
+    assert rows[0.7]["proposals"] == 1 and rows[0.9]["proposals"] == 1 and rows[0.9]["gain"] < 0

@@ -51,10 +51,10 @@ def tracking_cfg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def champion_maskrcnn(penn_fudan_maskrcnn, tracking_cfg):
     """The suite's Penn-Fudan Mask R-CNN, registered as a 'maskrcnn' and made champion: the backbone SFNet reuses."""
-    from maskflow.models.loading import load_maskrcnn
+    from maskflow.models.loading import load_proposal_model
     from maskflow.models.maskrcnn_config import MaskRCNNConfig
 
-    model = load_maskrcnn(penn_fudan_maskrcnn["uri"], config.build(MaskRCNNConfig, penn_fudan_maskrcnn["arch"]))
+    model = load_proposal_model(penn_fudan_maskrcnn["uri"], config.build(MaskRCNNConfig, penn_fudan_maskrcnn["arch"]))
     tracking.setup(tracking_cfg)
     with mlflow.start_run() as run:
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=[])

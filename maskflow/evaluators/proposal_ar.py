@@ -32,8 +32,8 @@ def _parsed(value: Any) -> dict:
     return loads(value) if isinstance(value, (bytes, bytearray, str)) else value
 
 
-def _image_arrays(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(iou k x G sorted by descending score, crowd flags G) of one sample."""
+def _image_arrays(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(iou k x G sorted by descending score, crowd flags G, the sort order) of one sample."""
     meta = _parsed(sample[META])
     props = _parsed(sample[PROPOSALS])
     anns = meta.get("annotations", [])
@@ -50,7 +50,7 @@ def _image_arrays(sample: dict) -> tuple[np.ndarray, np.ndarray]:
             f"image {meta.get('image_id')}: iou shape {iou.shape} but {scores.shape[0]} scores, {G} annotations"
         )
     order = np.argsort(-scores, kind="mergesort")  # stable, as COCOeval sorts detections
-    return iou[order], crowd
+    return iou[order], crowd, order
 
 
 class ProposalAR(Evaluator):
@@ -59,6 +59,14 @@ class ProposalAR(Evaluator):
     Options: ``max_proposals`` (the k of AR@k, default 10, 100, 1000). Headline metric ``AR_100``, or AR at the
     largest k when 100 is not among them. Per image (``items.csv``): ground truths (non-crowd, crowd), proposals,
     AR@k, and the mean over ground truths of the best proposal's IoU.
+
+    AR@k is reported only for the k the proposals can tell apart: with at most ``m`` proposals per image, AR@k for
+    every k >= m is the same number, so only the smallest such k (and the headline) is kept and the summary says
+    why the others are missing (a job that kept 100 proposals reports no AR@1000).
+
+    Beside a baseline (:meth:`compare`: refined against unrefined proposals of the same images, in proposal order)
+    it draws both sets of curves in one figure and adds FFD-Net's IoU-bin table (sec. 4.2.1): per bin of a
+    proposal's initial best IoU, [0.5, 0.6) ... [0.9, 1.0], its mean best IoU before and after.
     """
 
     name = "proposal_ar"
@@ -81,10 +89,11 @@ class ProposalAR(Evaluator):
         self._num_gt = 0
         self._num_proposals: list[int] = []
         self._rows: list[dict] = []
+        self._best_iou: dict[str, np.ndarray] = {}  # key -> each proposal's best non-crowd IoU, in stored order
 
     def process(self, samples: list[dict]) -> None:
         for sample in samples:
-            iou, crowd = _image_arrays(sample)
+            iou, crowd, order = _image_arrays(sample)
             image = proposal_recall([iou], [crowd], max_proposals=self.max_proposals, thresholds=IOU_THRESHOLDS)
             num_gt = image["num_gt"]
             if num_gt:  # recall = matched / num_gt exactly, so the matched counts are recovered exactly
@@ -94,6 +103,10 @@ class ProposalAR(Evaluator):
             self._num_proposals.append(iou.shape[0])
             meta = _parsed(sample[META])
             non_crowd = iou[:, ~crowd]
+            best = np.zeros(iou.shape[0])
+            if non_crowd.size:
+                best[order] = non_crowd.max(axis=1)
+            self._best_iou[str(sample.get("__key__"))] = best.astype(np.float32)
             self._rows.append({
                 "key": sample.get("__key__"), "image_id": meta.get("image_id"), "file_name": meta.get("file_name"),
                 "num_gt": num_gt, "num_crowd": int(crowd.sum()), "num_proposals": int(iou.shape[0]),
@@ -114,23 +127,105 @@ class ProposalAR(Evaluator):
         result["num_proposals_mean"] = float(np.mean(self._num_proposals)) if self._num_proposals else 0.0
         return result
 
+    def reported_ks(self) -> list[int]:
+        """The k of AR@k worth reporting: those below the most proposals any image has, the smallest k at or above
+        it, and the headline's k (see the class docstring)."""
+        most = max(self._num_proposals, default=0)
+        headline = int(self.metric.split("_")[1])
+        ks, covered = [], False
+        for k in self.max_proposals:
+            if not covered or k == headline:
+                ks.append(k)
+            covered = covered or k >= most
+        return ks
+
     def summarize(self) -> EvalResult:
         from maskflow.viz import recall_curves_figure
 
-        result = self.result = self.recall_result()
-        ks = self.max_proposals
+        full = self.result = self.recall_result()
+        ks = self.reported_ks()
+        result = {**full, "recall": {k: full["recall"][k] for k in ks}}
+        for k in self.max_proposals:
+            if k not in ks:
+                result.pop(f"AR@{k}")
         metrics = {f"AR_{k}": result[f"AR@{k}"] for k in ks}
         metrics.update(num_images=result["num_images"], num_gt=result["num_gt"],
-                       num_proposals_mean=result["num_proposals_mean"])
+                       num_proposals_mean=result["num_proposals_mean"],
+                       num_proposals_max=float(max(self._num_proposals, default=0)))
+        table = format_table(result)
+        dropped = [k for k in self.max_proposals if k not in ks]
+        if dropped:
+            table += (f"\n(AR@{', AR@'.join(map(str, dropped))} not reported: at most "
+                      f"{max(self._num_proposals, default=0)} proposals per image, so they equal AR@{ks[-1]})")
         # recall vs IoU threshold as step series: step = threshold in hundredths (50, 55, ..., 95)
         series = {f"recall_{k}_vs_iou": [(int(round(float(t) * 100)), float(r))
                                          for t, r in zip(result["thresholds"], result["recall"][k])] for k in ks}
         return EvalResult(metrics=metrics, rows=list(self._rows),
                           figures={"recall_curves.png": recall_curves_figure(result)},
-                          text={"ar_table.txt": format_table(result)}, series=series)
+                          text={"ar_table.txt": table}, series=series)
+
+    def compare(self, result: EvalResult, baseline: Evaluator, baseline_result: EvalResult,
+                labels: tuple[str, str]) -> EvalResult:
+        from maskflow.viz import recall_curves_figure
+
+        out = super().compare(result, baseline, baseline_result, labels)
+        label, base_label = labels
+        assert isinstance(baseline, ProposalAR) and self.result is not None and baseline.result is not None
+        curves = {}
+        for name, ev in ((label, self), (base_label, baseline)):
+            ks = ev.reported_ks()
+            curves[name] = {**ev.result, "recall": {k: ev.result["recall"][k] for k in ks}}
+        out.figures = {"recall_curves.png": recall_curves_figure(curves, f"{label} vs. {base_label}")}
+        bins = iou_bin_table(baseline._best_iou, self._best_iou)
+        out.text = {"ar_table.txt": f"{label}\n{result.text['ar_table.txt']}\n\n{base_label}\n"
+                                    f"{baseline_result.text['ar_table.txt']}",
+                    "iou_bins.txt": format_iou_bins(bins, labels)}
+        for row in bins:
+            if row["proposals"]:
+                lo = int(round(row["low"] * 100))
+                out.metrics[f"iou_bin_{lo}/gain"] = row["gain"]
+        return out
 
     def predicted_by(self, sample: dict) -> str | None:
         return _parsed(sample[PROPOSALS]).get("model")
+
+
+IOU_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)  # FFD-Net's initial-IoU bins (sec. 4.2.1), the last one closed
+
+
+def iou_bin_table(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> list[dict]:
+    """Per bin of initial best IoU: proposals, mean best IoU before and after, and the relative gain. Proposals are
+    paired by image key and position (a refiner keeps its input's order); images or positions only one side has
+    are left out."""
+    paired_before, paired_after = [], []
+    for key, b in before.items():
+        a = after.get(key)
+        if a is None:
+            continue
+        n = min(len(a), len(b))
+        paired_before.append(b[:n])
+        paired_after.append(a[:n])
+    b = np.concatenate(paired_before) if paired_before else np.zeros(0)
+    a = np.concatenate(paired_after) if paired_after else np.zeros(0)
+    rows = []
+    for lo, hi in zip(IOU_BINS[:-1], IOU_BINS[1:]):
+        sel = (b >= lo) & (b < hi)
+        n = int(sel.sum())
+        mb = float(b[sel].mean()) if n else float("nan")
+        ma = float(a[sel].mean()) if n else float("nan")
+        rows.append({"low": lo, "high": min(hi, 1.0), "proposals": n, "before": mb, "after": ma,
+                     "gain": (ma - mb) / mb if n else float("nan")})
+    return rows
+
+
+def format_iou_bins(rows: list[dict], labels: tuple[str, str]) -> str:
+    label, base_label = labels
+    lines = [f"{'initial IoU':<12} {'proposals':>9} {base_label[:10]:>10} {label[:10]:>10} {'gain':>8}"]
+    for r in rows:
+        close = "]" if r["high"] >= 1.0 else ")"
+        lines.append(f"[{r['low']:.1f}, {r['high']:.1f}{close:<3} {r['proposals']:>9} {r['before']:>10.3f} "
+                     f"{r['after']:>10.3f} {100 * r['gain']:>7.2f}%")
+    return "\n".join(lines)
 
 
 def evaluate_proposal_samples(samples: Iterable[dict], max_proposals: Iterable[int] = (10, 100, 1000)) -> dict:

@@ -71,6 +71,23 @@ KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
         inference_stage="maskflow.stages.sfnet_predict:SFNetPredictStage",
         description="CNNGeometric-style affine regression on SFNet's backbone and pairs; evaluated as SFNet",
     ),
+    # The second proposal generator: its registered versions go through the same proposals job as Mask R-CNN
+    # (ProposalsStage dispatches on the kind) and write the same proposals/1 samples.
+    ModelKind(
+        "sharpmask",
+        plugin="trainers.sharpmask:SharpMaskPlugin",
+        evaluator="maskflow.evaluators.proposal_ar:ProposalAR",
+        inference_stage="maskflow.stages.proposals:ProposalsStage",
+        description="DeepMask trunk + SharpMask refinement (Pinheiro et al., ECCV 2016) proposal generator; AR@k",
+    ),
+    # FFD-Net's predictions are refined proposals: scored as proposals, by AR@k.
+    ModelKind(
+        "ffdnet",
+        plugin="trainers.ffdnet:FFDNetPlugin",
+        evaluator="maskflow.evaluators.proposal_ar:ProposalAR",
+        inference_stage="maskflow.stages.refine_proposals:RefineProposalsStage",
+        description="FFD-Net (Zhang & He, ICCV 2017) refining any generator's proposals; AR@k of the refined ones",
+    ),
 )}
 
 # Evaluators by name (the ``evaluator`` key of an evaluation job; each class's ``name`` is its key here).

@@ -1,4 +1,5 @@
-"""Where proposal-model weights come from: one URI, four kinds.
+"""Where proposal-model weights come from: one URI, four kinds (of source; the *model* kinds a proposals job takes
+are :data:`PROPOSAL_KINDS`: Mask R-CNN from any of these sources, SharpMask from the registry or a run).
 
 * ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` / ``runs:/<id>/model`` — the MLflow registry or a run;
 * ``s3://.../state.pt`` or a local ``.pt`` file — a trainer checkpoint (``{"model": state_dict, ...}``) or a bare
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
+# The kinds of model the proposals job runs (maskflow.models.kinds): a registered SharpMask is a pickled module that
+# answers the same call as torchvision's Mask R-CNN, so one job serves both.
+PROPOSAL_KINDS = ("maskrcnn", "sharpmask")
 
 
 def check_model_uri(uri: str | None, key: str = "model.uri") -> str:
@@ -153,18 +157,25 @@ def load_state_dict(uri: str, options: StorageOptions = DEFAULT_OPTIONS) -> dict
     return state["model"] if isinstance(state, dict) and "model" in state else state
 
 
-def load_maskrcnn(uri: str, arch: MaskRCNNConfig, options: StorageOptions = DEFAULT_OPTIONS,
-                  device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The proposal model named by ``uri``, in eval mode on ``device``."""
+def load_registered_module(uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model logged with ``mlflow.pytorch`` (a pickled module: it carries its own architecture), on ``device``."""
+    import mlflow.pytorch
     import torch
 
+    return mlflow.pytorch.load_model(uri, map_location=torch.device(device))
+
+
+def load_proposal_model(uri: str, arch: MaskRCNNConfig, options: StorageOptions = DEFAULT_OPTIONS,
+                        device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The proposal generator named by ``uri``, in eval mode on ``device``: called with a list of CHW float images in
+    [0, 1] it returns torchvision detection dicts (``boxes``, ``scores``, ``masks``). A registered model or a run's
+    model is the logged module, whatever its kind (Mask R-CNN or SharpMask: both answer that call); a checkpoint or
+    torchvision weights are a Mask R-CNN built from ``arch``."""
     from maskflow.models.maskrcnn import build_maskrcnn
 
     check_model_uri(uri)
-    if uri.startswith(("models:/", "runs:/")):
-        import mlflow.pytorch
-
-        model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
+    if uri.startswith(REGISTRY_SCHEMES):
+        model = load_registered_module(uri, device)
     elif uri.startswith("torchvision:"):
         from torchvision.models import get_weight
         from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
@@ -184,7 +195,11 @@ def load_maskrcnn(uri: str, arch: MaskRCNNConfig, options: StorageOptions = DEFA
 
 
 def configure_for_proposals(model: torch.nn.Module, top_k: int, score_thresh: float, nms_thresh: float) -> None:
-    """Test-time settings of a torchvision Mask R-CNN for proposal generation: keep ``top_k`` per image."""
+    """Test-time settings of a proposal generator: keep ``top_k`` per image. A generator other than torchvision's
+    Mask R-CNN (SharpMask) brings its own ``configure_for_proposals`` method."""
+    if hasattr(model, "configure_for_proposals"):
+        model.configure_for_proposals(top_k, score_thresh, nms_thresh)
+        return
     model.roi_heads.score_thresh = score_thresh
     model.roi_heads.nms_thresh = nms_thresh
     model.roi_heads.detections_per_img = top_k

@@ -1,4 +1,9 @@
-"""Proposals stage: class-agnostic Mask R-CNN proposals for every image, as ``proposals`` samples.
+"""Proposals stage: class-agnostic segment proposals for every image, as ``proposals`` samples.
+
+The generator is the model ``model.uri`` names: a class-agnostic Mask R-CNN or a SharpMask (its registered kind,
+:data:`maskflow.models.loading.PROPOSAL_KINDS`; a model of any other kind is refused before Ray starts). Both answer
+the same call — a list of images in, torchvision detection dicts out — so everything after the forward pass, and the
+``proposals/1`` samples it writes, are the same for both.
 
 Input is a stage output of ``image`` samples (one output shard per input shard) or a COCO dataset. Each actor of the
 pool loads the model once and runs batched inference (a GPU per actor when the cluster has GPUs). Per image it keeps
@@ -16,7 +21,7 @@ from maskflow import storage
 from maskflow.config import Uri, require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
-from maskflow.models.loading import check_model_uri, resolve_model_uri
+from maskflow.models.loading import PROPOSAL_KINDS, check_model_uri, resolve_model_uri
 from maskflow.models.maskrcnn_config import MaskRCNNConfig
 from maskflow.stage import Plan, Reject, Stage, StageJobConfig, WorkUnit, batched, plan_shard_units
 from maskflow.stages.ingest import CocoInputConfig, image_sample, image_sample_sheet, plan_coco_units
@@ -41,7 +46,9 @@ class ProposalsInputConfig:
 
 @dataclass
 class ProposalModelConfig:
-    uri: Uri = ""  # models:/name@alias | runs:/.. | .pt checkpoint (local/s3) | checkpoint dir | torchvision:<Weights>
+    # models:/name@alias | runs:/.. (Mask R-CNN or SharpMask) | .pt checkpoint (local/s3) | checkpoint dir |
+    # torchvision:<Weights> (those three: Mask R-CNN)
+    uri: Uri = ""
     arch: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)  # for checkpoints (registry models carry their own)
 
 
@@ -85,7 +92,7 @@ class ProposalsStage(Stage):
             import mlflow
 
             mlflow.set_tracking_uri(self.tracking_uri)
-        self.model_uri = resolve_model_uri(self.cfg.model.uri, "model.uri", self.options, expected_kinds=("maskrcnn",))
+        self.model_uri = resolve_model_uri(self.cfg.model.uri, "model.uri", self.options, expected_kinds=PROPOSAL_KINDS)
         inp = self.cfg.input
         if inp.coco is not None:
             return plan_coco_units(inp.coco, self.cfg.output.samples_per_shard, self.options)
@@ -102,7 +109,7 @@ class ProposalsStage(Stage):
     def setup(self) -> None:
         import torch
 
-        from maskflow.models.loading import configure_for_proposals, load_maskrcnn
+        from maskflow.models.loading import configure_for_proposals, load_proposal_model
 
         if self.tracking_uri:
             import mlflow
@@ -111,7 +118,7 @@ class ProposalsStage(Stage):
             mlflow.set_tracking_uri(self.tracking_uri)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         p = self.cfg.proposals
-        self.model = load_maskrcnn(self.model_uri, self.cfg.model.arch, self.options, self.device)
+        self.model = load_proposal_model(self.model_uri, self.cfg.model.arch, self.options, self.device)
         configure_for_proposals(self.model, p.top_k, p.score_thresh, p.nms_thresh)
 
     def _input_samples(self, unit: WorkUnit) -> Iterator[dict | Reject]:
