@@ -53,9 +53,16 @@ class MethodConfig:
     role: Literal["ours", "baseline"] = "ours"
     paper: float | None = None  # the paper's number for this method (None: not in the paper)
     train: JobStep | None = None  # a training job; its registered version predicts
-    model_uri: str = ""  # instead of train: an existing model URI, or a method's own URI (e.g. opencv:dis)
+    # instead of train: an existing model URI, a method's own URI (e.g. opencv:dis), or "method:<name>" = the model
+    # a method listed before trained in this run (the same model predicting on other data, e.g. its training split)
+    model_uri: str = ""
     init_from_method: str = ""  # init.from = the version another method of this table trained in this run
     predict: JobStep = field(default_factory=JobStep)  # its model.uri and output.uri are set here
+    # A method that transforms another method's predictions (FFD-Net refining a generator's proposals): its predict
+    # job reads that method's predictions (``<input_key>=[<that output>]``) and its evaluation scores it against
+    # them in the same run (the evaluation job's ``baseline``: gain/<metric> columns).
+    input_from_method: str = ""
+    input_key: str = "input.proposals"
 
     def validate(self) -> None:
         require(bool(self.name), "name", "required: the row's label")
@@ -85,8 +92,12 @@ class ResultsConfig(Common):
         names = [m.name for m in self.methods]
         require(len(set(names)) == len(names), "methods", "method names must be unique")
         for m in self.methods:
-            require(not m.init_from_method or m.init_from_method in names[:names.index(m.name)],
-                    "methods", f"{m.name}: init_from_method must name a method listed before it")
+            if m.model_uri.startswith("method:"):
+                require(m.model_uri[len("method:"):] in names[:names.index(m.name)], "methods",
+                        f"{m.name}: model_uri {m.model_uri!r} must name a method listed before it")
+            for key in ("init_from_method", "input_from_method"):
+                require(not getattr(m, key) or getattr(m, key) in names[:names.index(m.name)],
+                        "methods", f"{m.name}: {key} must name a method listed before it")
 
 
 def slug(name: str) -> str:
@@ -154,7 +165,7 @@ def run_results(cfg: ResultsConfig, command: str) -> list[dict]:
               f"tracking.experiment={cfg.tracking.experiment}"]
     for step in cfg.data:
         run_script(step, common)
-    rows, versions = [], {}
+    rows, versions, outputs = [], {}, {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for m in cfg.methods:
         name = f"results-{cfg.name}-{slug(m.name)}"
@@ -166,14 +177,20 @@ def run_results(cfg: ResultsConfig, command: str) -> list[dict]:
             fit = run_script(m.train, extra)
             model_uri = f"models:/{name}/{fit.model_version}"
             train_time = format_seconds(time.perf_counter() - t0)
+        elif m.model_uri.startswith("method:"):
+            model_uri, train_time = versions[m.model_uri[len("method:"):]], "—"
         else:
             model_uri, train_time = m.model_uri, "—"
         versions[m.name] = model_uri
         out = storage.join(cfg.workdir, cfg.name, slug(m.name), f"predictions-{stamp}")
         t0 = time.perf_counter()
-        manifest = run_script(m.predict, common + [f"model.uri={model_uri}", f"output.uri={out}"])
+        source = [f"{m.input_key}=[{outputs[m.input_from_method]}]"] if m.input_from_method else []
+        manifest = run_script(m.predict, common + [f"model.uri={model_uri}", f"output.uri={out}"] + source)
+        outputs[m.name] = out
         per_item = (time.perf_counter() - t0) / max(int(manifest["samples"]), 1)
         extra = common + [f"predictions={out}"] + ([f"model={model_uri}"] if model_uri.startswith("models:/") else [])
+        if m.input_from_method:
+            extra += [f"baseline={outputs[m.input_from_method]}", f"labels=[{slug(m.name)}, {slug(m.input_from_method)}]"]
         result = run_script(cfg.evaluate, extra)
         metrics = {k: float(v) for k, v in result["metrics"].items()} if "metrics" in result else \
             {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}

@@ -269,6 +269,10 @@ def test_kinds_table_names_loadable_parts():
     assert kinds.evaluator_class("proposal_ar") is ProposalAR and ProposalAR.name == "proposal_ar"
     for name, path in kinds.EVALUATORS.items():
         assert kinds.load_attr(path).name == name
+    for name, entry in kinds.KINDS.items():  # every kind's parts exist, and its plugin's name is the kind
+        assert kinds.load_attr(entry.plugin).name == name
+        assert issubclass(kinds.load_attr(entry.evaluator), Evaluator)
+        assert kinds.load_attr(entry.inference_stage).config_class is not None
     with pytest.raises(ConfigError, match=r"^model: unknown model kind 'nope' \(known: .*maskrcnn"):
         kinds.kind("nope", "model")
 
