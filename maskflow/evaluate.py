@@ -93,6 +93,10 @@ class Evaluator(abc.ABC):
     def summarize(self) -> EvalResult:
         """The metrics (with :attr:`metric`), per-item rows, figures and text of everything processed."""
 
+    def has_gain(self, metric: str) -> bool:
+        """Whether :meth:`compare` reports the relative change of ``metric`` (not of counts, for instance)."""
+        return True
+
     def compare(self, result: EvalResult, baseline: "Evaluator", baseline_result: EvalResult,
                 labels: tuple[str, str]) -> EvalResult:
         """One result for predictions scored beside a baseline's predictions of the same items (refined against
@@ -105,6 +109,8 @@ class Evaluator(abc.ABC):
         for name, value in baseline_result.metrics.items():
             metrics[f"{base_label}/{name}"] = value
             ours = result.metrics.get(name)
+            if not self.has_gain(name):
+                continue
             if ours is not None and value not in (0, None) and value == value and ours == ours:  # skip 0 and NaN
                 metrics[f"gain/{name}"] = (float(ours) - float(value)) / abs(float(value))
         figures = {**result.figures, **{f"{base_label}_{k}": v for k, v in baseline_result.figures.items()}}

@@ -164,6 +164,9 @@ class ProposalAR(Evaluator):
                           figures={"recall_curves.png": recall_curves_figure(result)},
                           text={"ar_table.txt": table}, series=series)
 
+    def has_gain(self, metric: str) -> bool:
+        return metric.startswith("AR_")  # not of the counts of images, ground truths, proposals
+
     def compare(self, result: EvalResult, baseline: Evaluator, baseline_result: EvalResult,
                 labels: tuple[str, str]) -> EvalResult:
         from maskflow.viz import recall_curves_figure
