@@ -27,12 +27,15 @@ from maskflow.results import ResultsConfig  # noqa: E402
 from trainers.hstn import PLUGINS as HSTN_TASKS  # noqa: E402
 from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 from trainers.sfnet import SFNetTrainConfig  # noqa: E402
+from trainers.ffdnet import FFDNetTrainConfig  # noqa: E402
+from maskflow.stages.refine_proposals_config import RefineProposalsConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
            "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig,
            "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig, "eval": EvaluateConfig,
-           "sfnet": SFNetTrainConfig, "hstn": None, "results": ResultsConfig}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
+           "sfnet": SFNetTrainConfig, "ffdnet": FFDNetTrainConfig,
+           "refine_proposals": RefineProposalsConfig, "hstn": None, "results": ResultsConfig}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))

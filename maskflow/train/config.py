@@ -75,10 +75,12 @@ class ScheduleConfig:
     * ``cosine``: cosine decay to ``min_lr`` over the run's steps;
     * ``step``: multiplied by ``gamma`` at each epoch in ``milestones``;
     * ``plateau``: multiplied by ``gamma`` when ``validation.metric`` has not improved for ``patience`` validations
-      (HSTN: Adam 1e-4 divided by 10 on a validation plateau), never below ``min_lr``.
+      (HSTN: Adam 1e-4 divided by 10 on a validation plateau), never below ``min_lr``;
+    * ``log_epoch``: constant within an epoch, log-evenly spaced over the epochs from ``optim.lr`` (first epoch) to
+      ``min_lr`` (last epoch) (FFD-Net: 1e-4 to 1e-7 over 10 epochs).
     """
 
-    name: Literal["constant", "cosine", "step", "plateau"] = "cosine"
+    name: Literal["constant", "cosine", "step", "plateau", "log_epoch"] = "cosine"
     warmup_steps: int = 50
     milestones: list[int] = field(default_factory=list)  # epochs (step)
     gamma: float = 0.1  # step, plateau
@@ -92,6 +94,8 @@ class ScheduleConfig:
         require(self.min_lr >= 0, "min_lr", "must be >= 0")
         require(all(m >= 1 for m in self.milestones), "milestones", "epochs must be >= 1")
         require(self.name != "step" or bool(self.milestones), "milestones", "required by schedule.name=step")
+        require(self.name != "log_epoch" or self.min_lr > 0, "min_lr",
+                "required by schedule.name=log_epoch (> 0: the last epoch's learning rate)")
 
 
 @dataclass

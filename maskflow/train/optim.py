@@ -77,6 +77,12 @@ class LRSchedule:
         elif cfg.name == "step":
             epoch = step // self.steps_per_epoch if epoch is None else epoch
             decay = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        elif cfg.name == "log_epoch":
+            epoch = step // self.steps_per_epoch if epoch is None else epoch
+            epochs = max(1, round(self.total_steps / self.steps_per_epoch))
+            # relative to the first group's base rate (optim.lr, the rate logged as lr); others keep their lr_mult
+            ratio = cfg.min_lr / self.optimizer.param_groups[0]["base_lr"]
+            decay = ratio ** (min(epoch, epochs - 1) / (epochs - 1)) if epochs > 1 else 1.0
         else:
             decay = 1.0
         return warm * decay * self.plateau_factor
