@@ -29,13 +29,16 @@ from trainers.maskrcnn import MaskRCNNTrainConfig  # noqa: E402
 from trainers.sfnet import SFNetTrainConfig  # noqa: E402
 from trainers.ffdnet import FFDNetTrainConfig  # noqa: E402
 from maskflow.stages.refine_proposals_config import RefineProposalsConfig  # noqa: E402
+from maskflow.stages.mask_patches_config import MaskPatchesConfig  # noqa: E402
+from trainers.sharpmask import SharpMaskTrainConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
            "cluttered_digits": ClutteredDigitsConfig, "instance_maps": InstanceMapsConfig,
            "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig, "eval": EvaluateConfig,
            "sfnet": SFNetTrainConfig, "ffdnet": FFDNetTrainConfig,
-           "refine_proposals": RefineProposalsConfig, "hstn": None, "results": ResultsConfig}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
+           "refine_proposals": RefineProposalsConfig, "mask_patches": MaskPatchesConfig,
+           "sharpmask": SharpMaskTrainConfig, "hstn": None, "results": ResultsConfig}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))
