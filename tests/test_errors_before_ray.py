@@ -22,7 +22,7 @@ SCRIPTS = ["pipelines/proposals.py", "pipelines/ingest.py", "pipelines/affine_pa
            "pipelines/instance_maps.py", "pipelines/cluttered_digits.py", "pipelines/video_proposals.py",
            "pipelines/evaluate_proposals.py", "pipelines/evaluate.py", "pipelines/promote.py", "pipelines/convert.py",
            "pipelines/demo.py", "pipelines/predict.py", "pipelines/results.py",
-           "trainers/maskrcnn.py"]
+           "pipelines/mask_patches.py", "trainers/maskrcnn.py", "trainers/sharpmask.py"]
 
 # Generic scripts that pick their schema from a key need it before they can tell an unknown key.
 SCRIPT_ARGS = {"pipelines/predict.py": ["kind=maskrcnn"]}
