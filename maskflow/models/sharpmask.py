@@ -28,9 +28,11 @@ every window at stride 16 gets a score; the ``top_k`` windows over all scales (s
 window boxes) get masks — DeepMask's from their code, SharpMask's from their code and the skip features under the
 window (:func:`ops.sharpmask.gather_windows`: the paper's refinement of the selected windows only) — pasted into the
 image (:func:`ops.sharpmask.paste_windows`). Output per image, torchvision-detection style (the proposal
-generators' contract): ``boxes`` ``(K, 4)`` ``[x1, y1, x2, y2]`` (the tight box of the mask at 0.5; the window's box,
-clipped, where the mask is empty), ``scores`` ``(K,)`` (sigmoid), ``labels`` (ones), ``masks`` ``(K, 1, H, W)``
-probabilities (``inference.mask_dtype``), ``windows`` ``(K, 4)`` the window boxes; sorted by score.
+generators' contract): ``boxes`` ``(K, 4)`` ``[x1, y1, x2, y2]`` (the tight box of the mask at 0.5, read at the
+window's resolution, clipped to the image; the window's box, clipped, where the mask is empty), ``scores``
+``(K,)`` (sigmoid), ``labels`` (ones), ``masks`` ``(K, 1, H, W)`` probabilities (``inference.mask_dtype``; pasted
+straight into that tensor, a window's part of the image at a time), ``windows`` ``(K, 4)`` the window boxes; sorted
+by score.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskflow.models.sharpmask_config import STRIDE, SharpMaskConfig, TrunkConfig
-from ops.sharpmask import gather_windows, mask_tight_boxes, paste_windows, window_boxes
+from ops.sharpmask import gather_windows, paste_windows, window_boxes, window_tight_boxes
 
 __all__ = ["SharpMask", "SharpMaskOutput", "SmallTrunk", "ResNet50Trunk", "Refinement"]
 
@@ -260,8 +262,7 @@ class SharpMask(nn.Module):
         dtype = torch.float16 if inf.mask_dtype == "float16" else torch.float32
         masks = torch.zeros((K, 1, H, W), dtype=dtype, device=image.device)
         tight = torch.zeros((K, 4), dtype=torch.float32, device=image.device)
-        nonempty = torch.zeros(K, dtype=torch.bool, device=image.device)
-        sel = where[keep]
+        sel, window = where[keep], boxes[keep]
         for li, level in enumerate(levels):
             mine = torch.nonzero(sel[:, 0] == li).flatten()
             if not len(mine):
@@ -271,11 +272,7 @@ class SharpMask(nn.Module):
             for start in range(0, len(mine), inf.mask_chunk):
                 part = mine[start:start + inf.mask_chunk]
                 probs = self._window_masks(level, sel[part, 1], sel[part, 2])
-                pasted = paste_windows(probs, boxes[keep[part]], H, W, chunk=16)
-                tight[part], nonempty[part] = mask_tight_boxes(pasted)
-                masks[part, 0] = pasted.to(dtype)
-        window = boxes[keep]
-        clipped = torch.stack([window[:, 0].clamp(0, W), window[:, 1].clamp(0, H), window[:, 2].clamp(0, W),
-                               window[:, 3].clamp(0, H)], dim=1)
-        return {"boxes": torch.where(nonempty[:, None], tight, clipped), "scores": scores[keep],
-                "labels": torch.ones(K, dtype=torch.int64, device=image.device), "masks": masks, "windows": window}
+                paste_windows(probs, window[part], H, W, out=masks[:, 0], index=part)
+                tight[part] = window_tight_boxes(probs, window[part], H, W)[0]
+        return {"boxes": tight, "scores": scores[keep], "labels": torch.ones(K, dtype=torch.int64, device=image.device),
+                "masks": masks, "windows": window}
