@@ -22,6 +22,7 @@ from maskflow.models.sharpmask import SharpMask
 from maskflow.models.sharpmask_config import SharpMaskConfig
 from maskflow.stage import Count, Reject
 from maskflow.stages import mask_patches as mp
+from tests.conftest import ROOT
 from ops.sharpmask import gather_windows, paste_windows
 
 PATCH = 96
@@ -312,3 +313,22 @@ def test_paste_windows_matches_the_window_box():
     assert on[1].nonzero().max(0).values.tolist() == [9, 9] and on[1].nonzero().min(0).values.tolist() == [0, 0]
     # bilinear from a zero border: pixels whose centre is within half a mask cell of the box edge may drop out
     assert 0.97 * (40 * 40 + 10 * 10) <= int(on.sum()) <= 40 * 40 + 10 * 10
+
+
+def test_paper_network_and_its_trunk_from_a_maskrcnn_backbone():
+    """conf/sharpmask/paper.yaml builds the paper's network (ResNet-50 to conv4, 160 px windows, a 10 x 10 code), and
+    its ``init.prefix_map`` takes a torchvision ResNet-50-FPN Mask R-CNN's conv1..layer3 onto the whole trunk."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from maskflow.train.init import map_keys, match_state
+    from trainers.sharpmask import SharpMaskTrainConfig
+
+    cfg = config.load(SharpMaskTrainConfig, str(ROOT / "conf" / "sharpmask" / "paper.yaml"), ["model.refine=true"])
+    model = SharpMask(cfg.model)
+    assert cfg.model.code_size == 10 and cfg.model.canonical_size == 92
+    out = model(torch.rand(1, 3, 160, 160))
+    assert out.mask_logits.shape == (1, 1, 160, 160) and out.coarse_logits.shape == (1, 1, 112, 112)
+    source = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    loadable, report = match_state(model.state_dict(), map_keys(source, cfg.init.prefix_map), "maskrcnn")
+    trunk = [k for k in model.state_dict() if k.startswith("trunk.")]
+    assert sorted(loadable) == sorted(trunk) and not report.shape_mismatch
