@@ -122,8 +122,10 @@ class RefineProposalsStage(Stage):
                                 expect=schema.PROPOSALS_SCHEMA)
 
     def fingerprint_config(self):
-        registered = self.model_uri.startswith(("models:/", "runs:/"))
-        return {"model": self.model_uri, "arch": None if registered else vars(self.cfg.model.arch),
+        from maskflow.config import to_dict
+
+        registered = self.model_uri.startswith(("models:/", "runs:/"))  # the logged module carries its own config
+        return {"model": self.model_uri, "arch": None if registered else to_dict(self.cfg.model.arch),
                 "refine": vars(self.cfg.refine)}
 
     def contact_sheet(self, samples: list[dict]):
