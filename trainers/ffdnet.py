@@ -97,7 +97,7 @@ def crop_batch(batch: dict, size: int, enlarge: float, rng: "np.random.Generator
 
 
 def l2_loss(refined: "torch.Tensor", gt: "torch.Tensor") -> "torch.Tensor":
-    """The paper's L2 between the refined soft mask and the ground truth, the mean over pixels (per sample: ``(N,)``)."""
+    """The paper's L2 between the refined soft mask and the ground truth, the mean over pixels: ``(N,)``."""
     return (refined - gt).pow(2).flatten(1).mean(1)
 
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskflow.models.ffdnet_config import LEVEL_STRIDES, FFDConfig
-from ops.ffd import dual_mask_pooling, ffd_displacement, ffd_warp, mask_boxes, paste_crops, weighted_roi_pool
+from ops.ffd import dual_mask_pooling, ffd_displacement, ffd_warp, mask_boxes, weighted_roi_pool
 
-__all__ = ["FFDNet", "TinyFFDBackbone", "ResNetFFDBackbone", "build_ffdnet", "load_ffdnet", "warp_in_image",
-           "add_in_image", "mask_iou_per_sample"]
+__all__ = ["FFDNet", "TinyFFDBackbone", "ResNetFFDBackbone", "build_ffdnet", "load_ffdnet", "apply_edits",
+           "mask_iou_per_sample"]
 
 # torchvision's ImageNet statistics: the ResNet's expected input, and a fixed normalisation for the tiny backbone
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +53,7 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class TinyFFDBackbone(nn.Module):
-    """CPU variant: stage ``l`` = a stride-2 and a stride-1 conv-BN-ReLU, ``widths[l]`` channels, at strides 2/4/8/16."""
+    """CPU variant: stage ``l`` = a stride-2 and a stride-1 conv-BN-ReLU, ``widths[l]`` channels (strides 2/4/8/16)."""
 
     def __init__(self, widths: list[int]):
         super().__init__()
@@ -198,49 +198,88 @@ class FFDNet(nn.Module):
     def apply_in_image(self, masks: torch.Tensor, edits: list[dict[str, torch.Tensor]],
                        rois: torch.Tensor) -> torch.Tensor:
         """Replay the edits of :meth:`refine` on full-resolution proposals ``masks (K, H, W)`` (each in its image's
-        frame; ``rois (K, 5)`` their crop boxes ``[_, x1, y1, x2, y2]``): the soft refined masks ``(K, H, W)``.
-
-        The FFD is defined on the crop frame and is resolution independent (offsets in frame units), so the same
-        deformation warps the proposal at the image's own resolution: its dense field, computed on the crop grid and
-        pasted into the image (:func:`ops.ffd.paste_crops`; zero, i.e. no motion, outside the crop box), scaled to
-        pixels by the box size, drives one backward warp of the full mask. The direct head's residual is pasted and
-        added the same way. Nothing is resampled where nothing moves: zero edits give the proposals back (up to float
-        rounding, ~1e-6: the same binary masks),
-        and a refined mask keeps the generator's full-resolution detail (a 1.6x crop at ``crop_size`` pixels would
-        blur a large object's outline)."""
-        m = masks[:, None].to(torch.float32)
-        for i, edit in enumerate(edits):
-            if i:
-                m = (m > self.cfg.mask_threshold).to(m.dtype)
-            if "offsets" in edit:
-                m = warp_in_image(m, edit["offsets"].to(m), rois.to(m), self.cfg.crop_size)
-            else:
-                m = add_in_image(m, edit["residual"].to(m), rois.to(m), self.cfg.crop_size)
-        return m[:, 0]
+        frame; ``rois (K, 5)`` their crop boxes ``[_, x1, y1, x2, y2]``): the soft refined masks ``(K, H, W)``
+        (:func:`apply_edits`). Nothing is resampled where nothing moves: zero edits give the proposals back (up to
+        float rounding, ~1e-5: the same binary masks), and a refined mask keeps the generator's full-resolution
+        detail (a crop of ``crop_size`` pixels would blur a large object's outline)."""
+        return apply_edits(masks, edits, rois, self.cfg.crop_size, self.cfg.mask_threshold)
 
 
-def warp_in_image(masks: torch.Tensor, offsets: torch.Tensor, rois: torch.Tensor, field_size: int) -> torch.Tensor:
-    """Backward-warp image-frame masks ``(K, 1, H, W)`` by the FFD of ``offsets (K, 2, M, M)`` defined on the crop boxes
-    ``rois (K, 5)`` (:mod:`ops.ffd` conventions: offsets in units of the box size), the field evaluated on a
-    ``field_size`` grid and pasted into the image: ``(K, 1, H, W)``. Outside its box a mask does not move."""
-    k, _, h, w = masks.shape
-    disp = ffd_displacement(offsets, (field_size, field_size))  # (K, 2, s, s), box units
-    field = paste_crops(disp.flatten(0, 1), rois.repeat_interleave(2, dim=0), h, w).view(k, 2, h, w)
-    extent = (rois[:, 3:5] - rois[:, 1:3]) / rois.new_tensor([w, h])  # box size / image size, per axis
-    ys = (torch.arange(h, device=masks.device, dtype=masks.dtype) * 2 + 1) / h - 1  # pixel centres, normalised
-    xs = (torch.arange(w, device=masks.device, dtype=masks.dtype) * 2 + 1) / w - 1
-    gx = xs[None, None, :] + 2 * field[:, 0] * extent[:, 0, None, None]
-    gy = ys[None, :, None] + 2 * field[:, 1] * extent[:, 1, None, None]
-    return F.grid_sample(masks, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="zeros",
-                         align_corners=False)
+class _Windows:
+    """Each crop box's pixels in the image (the box clipped to the image, whole pixels), batched into ``(K, 1, h, w)``
+    windows padded to the largest: the warp is computed there only (a mask is zero outside its crop box, since the
+    proposal lies inside its tight box, and does not move there)."""
+
+    def __init__(self, rois: torch.Tensor, height: int, width: int):
+        self.height, self.width = height, width
+        box = rois[:, 1:5].double()
+        x0 = box[:, 0].floor().clamp(0, width).long()
+        y0 = box[:, 1].floor().clamp(0, height).long()
+        x1 = torch.maximum(box[:, 2].ceil().clamp(0, width).long(), x0 + 1)
+        y1 = torch.maximum(box[:, 3].ceil().clamp(0, height).long(), y0 + 1)
+        self.bounds = torch.stack([x0, y0, x1, y1], 1).tolist()
+        self.h, self.w = int((y1 - y0).max()), int((x1 - x0).max())
+        dtype, device = rois.dtype, rois.device
+        # pixel centres of every window in image coordinates, (K, w) and (K, h)
+        self.xs = x0.to(device, dtype)[:, None] + torch.arange(self.w, device=device, dtype=dtype) + 0.5
+        self.ys = y0.to(device, dtype)[:, None] + torch.arange(self.h, device=device, dtype=dtype) + 0.5
+        self.origin = (x0.to(device, dtype), y0.to(device, dtype))
+        self.box_origin, self.box_size = rois[:, 1:3], rois[:, 3:5] - rois[:, 1:3]
+
+    def cut(self, masks: torch.Tensor) -> torch.Tensor:
+        out = masks.new_zeros((len(masks), 1, self.h, self.w))
+        for k, (x0, y0, x1, y1) in enumerate(self.bounds):
+            out[k, 0, :y1 - y0, :x1 - x0] = masks[k, y0:y1, x0:x1]
+        return out
+
+    def paste(self, windows: torch.Tensor) -> torch.Tensor:
+        out = windows.new_zeros((len(windows), self.height, self.width))
+        for k, (x0, y0, x1, y1) in enumerate(self.bounds):
+            out[k, y0:y1, x0:x1] = windows[k, 0, :y1 - y0, :x1 - x0]
+        return out
+
+    def crop_grid(self) -> torch.Tensor:
+        """``(K, h, w, 2)`` the window pixels in their crop's normalised coordinates (``paste_crops``' inverse map)."""
+        gx = 2 * (self.xs - self.box_origin[:, :1]) / self.box_size[:, :1] - 1  # (K, w)
+        gy = 2 * (self.ys - self.box_origin[:, 1:]) / self.box_size[:, 1:] - 1  # (K, h)
+        return torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+
+    def sample(self, windows: torch.Tensor, dx_px: torch.Tensor, dy_px: torch.Tensor) -> torch.Tensor:
+        """``windows(p + d(p))``: backward warp by a pixel displacement ``(K, h, w)`` per axis (zeros outside)."""
+        gx = 2 * (self.xs[:, None, :] + dx_px - self.origin[0][:, None, None]) / self.w - 1
+        gy = 2 * (self.ys[:, :, None] + dy_px - self.origin[1][:, None, None]) / self.h - 1
+        return F.grid_sample(windows, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
 
 
-def add_in_image(masks: torch.Tensor, residual: torch.Tensor, rois: torch.Tensor, field_size: int) -> torch.Tensor:
-    """Image-frame masks ``(K, 1, H, W)`` plus the direct head's residuals ``(K, 1, R, R)`` (upsampled to the crop grid
-    as in training, pasted into the crop boxes ``rois``), clamped to [0, 1]."""
-    up = F.interpolate(residual, size=(field_size, field_size), mode="bilinear", align_corners=False)
-    pasted = paste_crops(up[:, 0], rois, masks.shape[-2], masks.shape[-1])
-    return (masks + pasted[:, None]).clamp(0.0, 1.0)
+def apply_edits(masks: torch.Tensor, edits: list[dict[str, torch.Tensor]], rois: torch.Tensor, field_size: int,
+                threshold: float = 0.5) -> torch.Tensor:
+    """Image-frame masks ``(K, H, W)`` refined by FFD-Net's per-pass edits on their crop boxes ``rois (K, 5)``
+    (:mod:`ops.ffd` conventions), binarised at ``threshold`` between passes: ``(K, H, W)`` soft masks.
+
+    ``{"offsets": (K, 2, M, M)}``: the FFD is defined per unit of crop frame, not per pixel, so the same deformation
+    warps the mask at the image's resolution: its dense field on a ``field_size`` crop grid, read at the image's
+    pixel centres (bilinear, as :func:`ops.ffd.paste_crops`; zero — no motion — outside the crop box), times the box
+    size in pixels, drives one backward warp. ``{"residual": (K, 1, R, R)}`` (the direct head): upsampled to the crop
+    grid as in training, read the same way and added, clamped to [0, 1]."""
+    k, h, w = masks.shape
+    rois = rois.to(device=masks.device, dtype=torch.float32)
+    win = _Windows(rois, h, w)
+    m = win.cut(masks.to(torch.float32))
+    grid = win.crop_grid()
+    for i, edit in enumerate(edits):
+        if i:
+            m = (m > threshold).to(m.dtype)
+        if "offsets" in edit:
+            disp = ffd_displacement(edit["offsets"].to(m), (field_size, field_size))  # (K, 2, s, s), box units
+            field = F.grid_sample(disp, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            size = win.box_size[:, :, None, None]  # box units -> pixels
+            m = win.sample(m, field[:, 0] * size[:, 0], field[:, 1] * size[:, 1])
+        else:
+            up = F.interpolate(edit["residual"].to(m), size=(field_size, field_size), mode="bilinear",
+                               align_corners=False)
+            m = (m + F.grid_sample(up, grid, mode="bilinear", padding_mode="zeros", align_corners=False)).clamp(0, 1)
+    return win.paste(m)
 
 
 def build_ffdnet(cfg: FFDConfig) -> FFDNet:

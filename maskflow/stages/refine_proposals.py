@@ -10,13 +10,13 @@ proposals are refined:
    :func:`ops.ffd.crop_resize`), so the network sees what it was trained on;
 2. FFD-Net, ``refine.iterations`` passes in the same crop frame (:meth:`FFDNet.refine`), crops of several images
    ``refine.batch_size`` at a time;
-3. back into the image: the network's deformation (its B-spline field on the crop, pasted into the image with
-   :func:`ops.ffd.paste_crops`, the inverse map of the crop, and scaled to pixels) warps the proposal at the image's
-   full resolution (:meth:`FFDNet.apply_in_image`; the same warp as the crop's, which the FFD defines per unit of
-   frame, not per pixel), the soft result binarised above ``refine.mask_threshold`` and RLE-encoded; its box
-   recomputed from the mask. Pasting the warped crop itself (``crop_size`` pixels a side) would blur a large
-   object's outline: here nothing is resampled where nothing moves (an identity refiner returns the proposals bit
-   for bit).
+3. back into the image: the network's deformation (its B-spline field on the crop grid, read at the image's pixel
+   centres inside the crop box by :func:`ops.ffd.paste_crops`' map, the inverse of the crop, and scaled to pixels)
+   warps the proposal at the image's full resolution (:func:`maskflow.models.ffdnet.apply_edits`: the same warp as
+   the crop's, since the FFD is defined per unit of frame, not per pixel); the soft result is binarised above
+   ``refine.mask_threshold`` and RLE-encoded, its box recomputed from the mask. Pasting the warped crop itself
+   (``crop_size`` pixels a side) would blur a large object's outline: here nothing is resampled where nothing moves
+   (an identity refiner returns the proposals bit for bit).
 
 Scores and order are kept; proposals beyond the top k pass through unchanged. ``iou`` (each proposal against every
 annotation, pycocotools' crowd semantics, as the proposals job) is recomputed when the meta has annotations — for
