@@ -15,7 +15,8 @@ second freezes the first's parts by prefix (``freeze``):
   a ``k_m x c x c`` mask code, then one module per skip level (strides 16, 8, 4, 2): the skip feature through a 3x3
   convolution + ReLU to ``k_s / 2**i`` channels, the mask code through a 3x3 convolution, the two added (the
   paper's convolution of the concatenation, split in two: the efficient form of its section 3.2), ReLU, 2x nearest
-  upsampling, channels halved per module; a last 3x3 convolution gives logits at the full patch resolution.
+  upsampling, channels halved per module (never below ``refine_min_channels``); a last 3x3 convolution gives
+  logits at the full patch resolution.
 
 **Training** (``model(patches)`` with a ``(N, 3, P, P)`` float tensor in [0, 1]): :class:`SharpMaskOutput` with
 ``mask_logits`` ``(N, 1, S, S)`` (DeepMask: ``S = mask_size * mask_upsample``; SharpMask: ``S = P``),
@@ -127,8 +128,8 @@ class RefinementModule(nn.Module):
 
 class Refinement(nn.Module):
     """The vertical layer (code -> ``k_m x c x c``), 4 modules (skips at strides 16, 8, 4, 2; channels of module
-    ``i``: skip ``k_s / 2**i``, mask ``k_m / 2**i`` -> ``k_m / 2**(i+1)``, never below 2) and the last 3x3
-    convolution to 1 channel."""
+    ``i``: skip ``k_s / 2**i``, mask ``k_m / 2**i`` -> ``k_m / 2**(i+1)``, never below ``refine_min_channels``) and
+    the last 3x3 convolution to 1 channel."""
 
     def __init__(self, cfg: SharpMaskConfig):
         super().__init__()
@@ -137,11 +138,15 @@ class Refinement(nn.Module):
         skips = cfg.trunk.skip_channels[::-1]  # strides 16, 8, 4, 2
         modules, mask_in = [], cfg.k_m
         for i, skip_in in enumerate(skips):
-            mask_out = max(cfg.k_m // 2 ** (i + 1), 2)
-            modules.append(RefinementModule(skip_in, max(cfg.k_s // 2 ** i, 2), mask_in, mask_out))
+            mask_out = max(cfg.k_m // 2 ** (i + 1), cfg.refine_min_channels)
+            modules.append(RefinementModule(skip_in, max(cfg.k_s // 2 ** i, cfg.refine_min_channels), mask_in,
+                                            mask_out))
             mask_in = mask_out
         self.blocks = nn.ModuleList(modules)
         self.final = _conv3x3(mask_in, 1)
+        # The last bias starts at the prior of a foreground pixel (~10% of a positive window), so the first steps
+        # need not drive every layer towards "all background" to get there.
+        nn.init.constant_(self.final.bias, math.log(0.1 / 0.9))
 
     def forward(self, code: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """``code (K, fc, 1, 1)``, ``skips`` coarse to fine (strides 16, 8, 4, 2) -> logits ``(K, 1, P, P)``."""

@@ -97,6 +97,10 @@ class SharpMaskConfig:
     refine: bool = False  # False: DeepMask; True: SharpMask's refinement modules on top
     k_m: int = 16  # channels of the first mask code (paper: 32), halved per module
     k_s: int = 16  # channels of the first skip projection (paper: 32), halved per module
+    # ...but never below this (a deviation for the CPU variant; paper.yaml: 2 = the formula): a module output of 2
+    # ReLU channels (the CPU variant's third, k_m / 8) dies within the first steps, and with it the mask code's
+    # path to the output; training then sits at "all background" for epochs or for good
+    refine_min_channels: int = 8
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def validate(self) -> None:
@@ -109,6 +113,7 @@ class SharpMaskConfig:
         require(self.mask_upsample >= 1, "mask_upsample", "must be >= 1")
         require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         require(self.k_m >= 8 and self.k_s >= 8, "k_m", "k_m and k_s must be >= 8 (halved over 4 modules)")
+        require(self.refine_min_channels >= 1, "refine_min_channels", "must be >= 1")
 
     @property
     def code_size(self) -> int:
