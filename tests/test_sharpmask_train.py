@@ -2,7 +2,8 @@
 (manifest, counts, contact sheet), a 2-worker Ray Train run of the DeepMask phase, then the SharpMask phase
 initialised from the registered DeepMask by ``init.from`` with the trunk and DeepMask heads frozen (Pinheiro et al.,
 ECCV 2016 sec. 4); each registered with kind ``sharpmask`` and its validation metric; the frozen weights unchanged
-and the registered SharpMask answering the proposal generators' contract."""
+and the registered SharpMask answering the proposal generators' contract — through the proposals job, which takes it
+by its kind, and the evaluation job, which scores it with its kind's evaluator."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import mlflow
 import pytest
 import torch
 
+import sys
+
 from maskflow import config, shards, stage, tracking
 from maskflow.stages import mask_patches as mp
 from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "pipelines"))  # the pipeline scripts import _bootstrap as a sibling module
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +51,8 @@ def windows(ray_local, penn_fudan_shards, tracking_cfg, tmp_path_factory) -> dic
     record = shards.write_shard(str(root / "val" / shards.shard_name(0)), samples)
     (root / "val" / shards.MANIFEST).write_text(json.dumps({"stage": "mask_patches", "schema": mp.SCHEMA.name,
                                                              "samples": len(samples), "shards": [record]}))
-    return {"train": str(root / "train"), "val": str(root / "val"), "manifest": manifest, "val_samples": samples}
+    return {"train": str(root / "train"), "val": str(root / "val"), "manifest": manifest, "val_samples": samples,
+            "image_shards": penn_fudan_shards}
 
 
 def history(run_id: str, key: str) -> list[float]:
@@ -117,3 +123,33 @@ def test_deepmask_then_sharpmask_on_two_workers(windows, tracking_cfg, tmp_path)
     after.configure_for_proposals(7, 0.0, 1.0)
     (out,) = after.eval()([image])
     assert out["masks"].shape == (7, 1, 120, 150) and out["boxes"].shape == (7, 4) and out["scores"].shape == (7,)
+
+    # the proposals job takes it by its kind (no Mask R-CNN settings needed), through Ray Data, and writes the same
+    # proposals/1 samples; the evaluation job scores them with the kind's evaluator onto the version
+    import evaluate as evaluate_script
+    import proposals as proposals_script
+
+    images = tmp_path / "images"
+    images.mkdir()
+    first = sorted(shards.iter_samples(windows["image_shards"]), key=lambda s: s["__key__"])[:3]
+    record = shards.write_shard(str(images / shards.shard_name(0)), first)
+    (images / shards.MANIFEST).write_text(json.dumps({"stage": "ingest", "schema": "image/1", "samples": 3,
+                                                       "shards": [record]}))
+    track = [f"tracking.tracking_uri={tracking_cfg.tracking_uri}", f"tracking.experiment={tracking_cfg.experiment}"]
+    manifest = proposals_script.main(["--config", str(ROOT / "conf" / "proposals" / "sharpmask_penn_fudan.yaml"),
+                                      f"input.shards={images}", f"output.uri={tmp_path / 'props'}",
+                                      f"model.uri=models:/{SHARPMASK}@candidate", "proposals.top_k=20",
+                                      "compute.workers=1", "compute.cpus_per_worker=1", *track])
+    assert manifest["schema"] == "proposals/1" and manifest["samples"] == 3 and manifest["rejected"] == 0
+    samples = list(shards.iter_samples(str(tmp_path / "props")))
+    for sample in samples:
+        props, meta = sample["proposals.json"], sample["json"]  # iter_samples parses JSON entries
+        assert props["model"] == f"models:/{SHARPMASK}/{sharp.model_version}"
+        assert len(props["segmentations"]) == 20 and props["scores"] == sorted(props["scores"], reverse=True)
+        assert len(props["iou"]) == 20 and len(props["iou"][0]) == len(meta["annotations"])
+        assert props["segmentations"][0]["size"] == [meta["height"], meta["width"]]
+    result = evaluate_script.main([f"predictions={tmp_path / 'props'}", f"model=models:/{SHARPMASK}@candidate", *track])
+    assert result["evaluator"] == "proposal_ar" and result["metric"] == "AR_100" and 0.0 <= result["value"] <= 1.0
+    assert "AR_1000" not in result["metrics"]  # 20 proposals an image
+    recorded = tracking.client().get_model_version(SHARPMASK, sharp.model_version).tags
+    assert recorded["maskflow.metric"] == "AR_100"

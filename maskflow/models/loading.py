@@ -194,12 +194,17 @@ def load_proposal_model(uri: str, arch: MaskRCNNConfig, options: StorageOptions 
     return model.to(device).eval()
 
 
-def configure_for_proposals(model: torch.nn.Module, top_k: int, score_thresh: float, nms_thresh: float) -> None:
-    """Test-time settings of a proposal generator: keep ``top_k`` per image. A generator other than torchvision's
-    Mask R-CNN (SharpMask) brings its own ``configure_for_proposals`` method."""
+MASKRCNN_PROPOSAL_NMS = 0.5  # box NMS of Mask R-CNN's detections when the job leaves nms_thresh unset
+
+
+def configure_for_proposals(model: torch.nn.Module, top_k: int, score_thresh: float, nms_thresh: float | None) -> None:
+    """Test-time settings of a proposal generator: keep ``top_k`` per image. ``nms_thresh`` None: the generator's
+    own default (Mask R-CNN: 0.5; SharpMask: none, as the paper). A generator other than torchvision's Mask R-CNN
+    (SharpMask) brings its own ``configure_for_proposals`` method."""
     if hasattr(model, "configure_for_proposals"):
         model.configure_for_proposals(top_k, score_thresh, nms_thresh)
         return
+    nms_thresh = MASKRCNN_PROPOSAL_NMS if nms_thresh is None else nms_thresh
     model.roi_heads.score_thresh = score_thresh
     model.roi_heads.nms_thresh = nms_thresh
     model.roi_heads.detections_per_img = top_k

@@ -207,11 +207,15 @@ class SharpMask(nn.Module):
         return SharpMaskOutput(mask, score, coarse)
 
     # -- proposals
-    def configure_for_proposals(self, top_k: int, score_thresh: float, nms_thresh: float) -> None:
+    def configure_for_proposals(self, top_k: int, score_thresh: float, nms_thresh: float | None) -> None:
         """The proposals job's settings: keep ``top_k`` windows per image with a score above ``score_thresh``
-        (sigmoid), suppressing windows whose boxes overlap a better one by IoU > ``nms_thresh`` (>= 1: none)."""
+        (sigmoid), suppressing windows whose boxes overlap a better one by IoU > ``nms_thresh`` (>= 1: none; None:
+        the model's own ``inference.nms_thresh``, 1.0 as the paper ranks windows: the best windows of an object sit
+        at neighbouring shifts and scales, and suppressing them at 0.5 cost 60 % of AR@100 on Penn-Fudan)."""
         inf = self.cfg.inference
-        inf.top_k, inf.score_thresh, inf.nms_thresh = int(top_k), float(score_thresh), float(nms_thresh)
+        inf.top_k, inf.score_thresh = int(top_k), float(score_thresh)
+        if nms_thresh is not None:
+            inf.nms_thresh = float(nms_thresh)
 
     def _scale_level(self, image: torch.Tensor, scale: float) -> dict:
         """One pyramid level: the padded scaled image through the trunk and the heads (all windows scored)."""

@@ -56,7 +56,7 @@ class ProposalModelConfig:
 class ProposalSettings:
     top_k: int = 50  # proposals kept per image (DMM-Net: 50; FFD-Net: up to 1000)
     score_thresh: float = 0.0
-    nms_thresh: float = 0.5
+    nms_thresh: float | None = None  # None: the generator's own (Mask R-CNN 0.5; SharpMask none, as its paper)
     mask_threshold: float = 0.5
     batch_size: int = 4  # images per forward pass
     amp: bool = False  # fp16 autocast on GPU
@@ -64,6 +64,8 @@ class ProposalSettings:
     def validate(self) -> None:
         require(1 <= self.top_k <= 1000, "top_k", "must be in 1..1000")
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.nms_thresh is None or 0.0 < self.nms_thresh <= 1.0, "nms_thresh",
+                f"must be in (0, 1] (1: no suppression) or unset for the generator's own; got {self.nms_thresh}")
 
 
 @dataclass
