@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test bench clean cluster cluster-stop
+.PHONY: setup demo test bench clean cluster cluster-stop results-proposals
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -29,6 +29,11 @@ bench: setup
 	$(BIN)/python bench/inference.py --kind all
 	$(BIN)/python bench/stages.py
 	for b in bench/ops/*.py; do $(BIN)/python $$b || exit 1; done
+
+# docs/RESULTS.md's proposal tables: the generators first (the FFD-Net table refines the models they register)
+results-proposals: setup
+	$(BIN)/python pipelines/results.py --config conf/results/proposals.yaml
+	$(BIN)/python pipelines/results.py --config conf/results/ffdnet.yaml
 
 # A Ray head node on this machine for `ray job submit` (token authentication, jobs on .venv): see cluster/README.md
 cluster: setup

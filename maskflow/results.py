@@ -59,7 +59,7 @@ class MethodConfig:
     init_from_method: str = ""  # init.from = the version another method of this table trained in this run
     predict: JobStep = field(default_factory=JobStep)  # its model.uri and output.uri are set here
     # A method that transforms another method's predictions (FFD-Net refining a generator's proposals): its predict
-    # job reads that method's predictions (``<input_key>=[<that output>]``) and its evaluation scores it against
+    # job reads that method's predictions (``<input_key>=<that output>``) and its evaluation scores it against
     # them in the same run (the evaluation job's ``baseline``: gain/<metric> columns).
     input_from_method: str = ""
     input_key: str = "input.proposals"
@@ -184,7 +184,7 @@ def run_results(cfg: ResultsConfig, command: str) -> list[dict]:
         versions[m.name] = model_uri
         out = storage.join(cfg.workdir, cfg.name, slug(m.name), f"predictions-{stamp}")
         t0 = time.perf_counter()
-        source = [f"{m.input_key}=[{outputs[m.input_from_method]}]"] if m.input_from_method else []
+        source = [f"{m.input_key}={outputs[m.input_from_method]}"] if m.input_from_method else []
         manifest = run_script(m.predict, common + [f"model.uri={model_uri}", f"output.uri={out}"] + source)
         outputs[m.name] = out
         per_item = (time.perf_counter() - t0) / max(int(manifest["samples"]), 1)
