@@ -27,6 +27,8 @@ bench: setup
 	$(BIN)/python bench/train_loader.py
 	$(BIN)/python bench/train_loader.py --model hstn_cls
 	$(BIN)/python bench/inference.py --kind all
+	$(BIN)/python bench/inference.py --kind ffdnet --cpus-per-worker 1
+	$(BIN)/python bench/generators.py --top-k 100 1000
 	$(BIN)/python bench/stages.py
 	for b in bench/ops/*.py; do $(BIN)/python $$b || exit 1; done
 

@@ -146,10 +146,17 @@ def summarise(records: list[dict], wall: float, t0_epoch: float) -> dict:
     ends = [s + r["seconds"] for s, r in zip(starts, records)]
     span = max(ends) - min(starts)
     cpu = sum(r["counts"]["unit_cpu_ms"] for r in records) / 1000
+    # the stage's own counts summed over the units (e.g. the refinement job's proposals_refined), timing ones left out
+    counts: dict[str, int] = {}
+    for r in records:
+        for name, value in r["counts"].items():
+            if name not in ("unit_start_ms", "unit_cpu_ms", "torch_threads"):
+                counts[name] = counts.get(name, 0) + value
     return {"samples": samples, "units": len(records), "e2e_s": round(wall, 3), "e2e_ips": round(samples / wall, 2),
             "busy_s": round(busy, 3), "steady_ips": round(samples / busy, 2), "span_s": round(span, 3),
             "span_ips": round(samples / span, 2), "ready_s": round(min(starts) - t0_epoch, 3),
-            "cpu_ms_per_sample": round(1000 * cpu / samples, 3), "torch_threads": threads}
+            "cpu_ms_per_sample": round(1000 * cpu / samples, 3), "torch_threads": threads,
+            "counts": counts}
 
 
 def load_1m() -> float:
