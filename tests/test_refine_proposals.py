@@ -46,12 +46,22 @@ def tracking_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proposals(penn_fudan_maskrcnn, penn_fudan_shards, tmp_path_factory) -> str:
-    """The project's Mask R-CNN's top-20 proposals of the 60 Penn-Fudan images (4 shards)."""
+    """The project's Mask R-CNN's top-20 proposals of 32 Penn-Fudan images (the first 2 of the 4 image shards: enough
+    crops for a training epoch, half the inference time)."""
     from maskflow.stages.proposals import ProposalsConfig, ProposalsStage
 
-    out = str(tmp_path_factory.mktemp("ffd-props") / "pf")
+    root = tmp_path_factory.mktemp("ffd-props")
+    images = root / "images"
+    images.mkdir()
+    manifest = json.loads(storage.read_text(storage.join(penn_fudan_shards, shards.MANIFEST)))
+    kept = manifest["shards"][:2]
+    for record in kept:
+        shutil.copy(storage.join(penn_fudan_shards, record["name"]), images / record["name"])
+    (images / shards.MANIFEST).write_text(json.dumps({**manifest, "shards": kept,
+                                                      "samples": sum(r["samples"] for r in kept)}))
+    out = str(root / "pf")
     cfg = config.build(ProposalsConfig, {
-        "input": {"shards": penn_fudan_shards},
+        "input": {"shards": str(images)},
         "model": {"uri": penn_fudan_maskrcnn["uri"], "arch": penn_fudan_maskrcnn["arch"]},
         "proposals": {"top_k": KEPT, "batch_size": 8}, "compute": {"cpus_per_worker": 2}, "output": {"uri": out}})
     stage.run_stage(ProposalsStage(cfg), cfg.output, cfg.compute, None, cfg)
@@ -70,7 +80,7 @@ def refiner(ray_local, proposals, tracking_cfg, tmp_path_factory):
     crops = config.build(FFDCropsConfig, {"input": {"proposals": [proposals]}, "crops": {"size": CROP},
                                           "output": {"uri": str(root / "crops"), "samples_per_shard": 128}})
     manifest = stage.run_stage(FFDCropsStage(crops), crops.output, crops.compute, None, crops)
-    assert manifest["samples"] > 100
+    assert manifest["samples"] > 50
     cfg = parse_config(["--config", str(ROOT / "conf" / "ffdnet" / "cpu.yaml")])
     cfg = config.build(type(cfg), config.deep_merge(config.to_dict(cfg), {
         "data": {"train": crops.output.uri, "val": crops.output.uri, "shuffle_buffer": 32, "val_batch_size": 128},
@@ -167,8 +177,8 @@ def test_refinement_job_keeps_order_passes_through_and_rejects_bad_input(refiner
     out = str(tmp_path / "refined")
     manifest = refine(tracking_cfg, f"models:/{REFINER}@candidate", bad["uri"], out)
     pinned = f"models:/{REFINER}/{refiner['fit'].model_version}"
-    assert manifest["schema"] == "proposals/1" and manifest["inputs"] == 60
-    assert manifest["rejected"] == 2 and manifest["samples"] == 58
+    assert manifest["schema"] == "proposals/1" and manifest["inputs"] == 32
+    assert manifest["rejected"] == 2 and manifest["samples"] == 30
 
     rejects = rejects_of(out)
     samples = {r["key"]: r for r in rejects if r["kind"] == "sample"}
@@ -180,7 +190,7 @@ def test_refinement_job_keeps_order_passes_through_and_rejects_bad_input(refiner
     # the real generator leaves some masks empty too: rejected the same way, nothing else
     assert {r.split(":")[0] for r in proposal_rejects.values()} <= {rp.EMPTY_PROPOSAL, rp.BOX_OUTSIDE}
     counts = manifest["counts"]
-    assert counts["images"] == 58 and counts["proposals"] == counts["proposals_refined"] \
+    assert counts["images"] == 30 and counts["proposals"] == counts["proposals_refined"] \
         + counts["proposals_beyond_top_k"] + len(proposal_rejects)
 
     inputs = {s["__key__"]: s for s in shards.iter_samples(bad["uri"])}
@@ -205,7 +215,7 @@ def test_refinement_job_keeps_order_passes_through_and_rejects_bad_input(refiner
         iou = mask_utils.iou([rle_to_bytes(r) for r in after["segmentations"]],
                              [rle_to_bytes(a["segmentation"]) for a in anns], [a["iscrowd"] for a in anns])
         assert np.allclose(after["iou"], np.asarray(iou).reshape(n, len(anns)), atol=1e-6)
-    assert refined_any > 100  # the trained refiner moved masks
+    assert refined_any > 50  # the trained refiner moved masks
     edited = next(s for s in shards.iter_samples(out) if s["__key__"] == bad["edited"])[schema.PROPOSALS]
     assert edited["segmentations"][:2] == bad["edited_props"]["segmentations"][:2]
     assert edited["boxes"][1] == bad["edited_props"]["boxes"][1]
