@@ -100,6 +100,21 @@ def one_pass(model: torch.nn.Module, images: list[torch.Tensor], batch_size: int
     return time.perf_counter() - t, returned / len(images)
 
 
+def result_of(args, images: list, sizes: list, arch: dict, summary: dict, settings: list) -> dict:
+    return {
+        "benchmark": "generators",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "params": {k: v for k, v in vars(args).items() if k not in ("out", "penn_fudan_root")},
+        "input": {"images": len(images), "sizes_hw": [list(s) for s in sizes]},
+        "models": {"sharpmask": {"config": SHARPMASK_CONFIG, "arch": arch["sharpmask"]},
+                   "maskrcnn": {"config": MASKRCNN_CONFIG, "arch": arch["maskrcnn"]},
+                   "weights": f"random, torch.manual_seed({args.seed})"},
+        "summary": summary,
+        "settings": settings,
+    }
+
+
 def main(argv=None) -> dict:
     from maskflow.models.loading import configure_for_proposals
 
@@ -150,20 +165,11 @@ def main(argv=None) -> dict:
                 row["load_1m"] = [min(loads), max(loads)]
                 settings.append(row)
                 summary[f"top{top_k}_t{threads}"] = {k: v for k, v in row.items() if k != "passes"}
+                # after every setting: a run cut short (2 threads can run 10x slower under load) keeps its figures
+                write_result(result_of(args, images, sizes, arch, summary, settings), args.out)
     finally:
         torch.set_num_threads(default_threads)
-    result = {
-        "benchmark": "generators",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(),
-        "params": {k: v for k, v in vars(args).items() if k not in ("out", "penn_fudan_root")},
-        "input": {"images": len(images), "sizes_hw": [list(s) for s in sizes]},
-        "models": {"sharpmask": {"config": SHARPMASK_CONFIG, "arch": arch["sharpmask"]},
-                   "maskrcnn": {"config": MASKRCNN_CONFIG, "arch": arch["maskrcnn"]},
-                   "weights": f"random, torch.manual_seed({args.seed})"},
-        "summary": summary,
-        "settings": settings,
-    }
+    result = result_of(args, images, sizes, arch, summary, settings)
     print()
     print(f"{'top_k':>6}{'threads':>8}{'SharpMask img/s':>17}{'Mask R-CNN img/s':>18}{'SM / MR':>9}"
           f"{'props/img SM, MR':>18}{'load 1m':>13}")
