@@ -309,7 +309,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-cpus", type=int, default=2, help="embedded ray.init(num_cpus=...)")
     ap.add_argument("--cpus-per-worker", type=float, default=2.0,
                     help="compute.cpus_per_worker of the actor (= torch threads on both sides; the predict configs' 2)")
-    ap.add_argument("--batch-size", type=int, default=0, help="0: the kind's predict config's batch_size (ffdnet: refine.batch_size, crops)")
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="0: the kind's predict config's batch_size (ffdnet: refine.batch_size, in crops)")
     ap.add_argument("--digit-splits", nargs="+", default=["valid"], help="cluttered MNIST splits to import")
     ap.add_argument("--digits-per-shard", type=int, default=250, help="digits per unit / output shard")
     ap.add_argument("--images-per-shard", type=int, default=8, help="Penn-Fudan images per image shard (= per unit)")
