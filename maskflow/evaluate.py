@@ -25,6 +25,11 @@ sample's sha256) as a tag and as the run's dataset input. Last, the metrics go o
 (:func:`maskflow.tracking.record_evaluation`) with the headline metric's name and direction, which
 :func:`maskflow.tracking.promote` then uses.
 
+With ``baseline`` (another stage output of the same items, e.g. the unrefined proposals FFD-Net refined), both are
+scored in the same run and :meth:`Evaluator.compare` merges them: the baseline's metrics under its label, the relative
+gains as ``gain/<metric>``, and whatever the evaluator draws of the two together; outputs over different items are
+refused in one line naming ``baseline``.
+
 This module imports no torch, Ray or MLflow at import time: a job's config error prints before they load.
 """
 
