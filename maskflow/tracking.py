@@ -81,6 +81,17 @@ def setup(cfg: TrackingConfig, options: StorageOptions = DEFAULT_OPTIONS) -> str
     return mlflow.set_experiment(cfg.experiment).experiment_id
 
 
+def worker_setup(tracking_uri: str | None, options: StorageOptions = DEFAULT_OPTIONS) -> None:
+    """In a stage's actor that loads registry models: the object-store environment MLflow's artifact reads need, and
+    the driver's tracking URI (``None``: nothing to set, the model comes from a checkpoint)."""
+    if not tracking_uri:
+        return
+    import mlflow
+
+    storage.mlflow_environment(options)
+    mlflow.set_tracking_uri(tracking_uri)
+
+
 def log_config(cfg: Any) -> None:
     """Log a resolved config: flattened params (secrets redacted) and the YAML as an artifact."""
     import mlflow

@@ -136,13 +136,9 @@ class _ModelStage(Stage):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.model_uri.startswith(OPENCV):
             return
-        if self.tracking_uri:
-            import mlflow
+        from maskflow import tracking
 
-            from maskflow import storage
-
-            storage.mlflow_environment(self.options)
-            mlflow.set_tracking_uri(self.tracking_uri)
+        tracking.worker_setup(self.tracking_uri, self.options)
         from maskflow.models.hstn import load_hstn
 
         self.model = load_hstn(self.model_uri, self.cfg.model.arch, self.options, self.device)

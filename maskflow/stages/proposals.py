@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from maskflow import storage
+from maskflow import tracking
 from maskflow.config import Uri, require
 from maskflow.data import schema
 from maskflow.data.validate import decode_image
@@ -113,11 +113,7 @@ class ProposalsStage(Stage):
 
         from maskflow.models.loading import configure_for_proposals, load_proposal_model
 
-        if self.tracking_uri:
-            import mlflow
-
-            storage.mlflow_environment(self.options)
-            mlflow.set_tracking_uri(self.tracking_uri)
+        tracking.worker_setup(self.tracking_uri, self.options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         p = self.cfg.proposals
         self.model = load_proposal_model(self.model_uri, self.cfg.model.arch, self.options, self.device)

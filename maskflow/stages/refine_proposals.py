@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from maskflow import storage
+from maskflow import tracking
 from maskflow.data import schema
 from maskflow.models.loading import check_model_uri
 from maskflow.stage import Count, Plan, Reject, Stage, WorkUnit, plan_shard_units
@@ -140,11 +140,7 @@ class RefineProposalsStage(Stage):
 
         from maskflow.models.ffdnet import load_ffdnet
 
-        if self.tracking_uri:
-            import mlflow
-
-            storage.mlflow_environment(self.options)
-            mlflow.set_tracking_uri(self.tracking_uri)
+        tracking.worker_setup(self.tracking_uri, self.options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_ffdnet(self.model_uri, self.cfg.model.arch, self.options, self.device)
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from maskflow import storage
+from maskflow import tracking
 from maskflow.config import Uri, require
 from maskflow.data import schema
 from maskflow.models.loading import check_model_uri, resolve_model_uri
@@ -133,11 +133,7 @@ class SFNetPredictStage(Stage):
 
         from maskflow.models.sfnet import load_sfnet
 
-        if self.tracking_uri:
-            import mlflow
-
-            storage.mlflow_environment(self.options)
-            mlflow.set_tracking_uri(self.tracking_uri)
+        tracking.worker_setup(self.tracking_uri, self.options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_sfnet(self.model_uri, self.cfg.model.arch, self.options, self.device)
 
@@ -201,7 +197,6 @@ class SFNetPredictStage(Stage):
 
 def main(argv: list[str] | None = None) -> dict:
     """The job (a ``pipelines/`` script calls this; the actors get the tracking URI to load registry models)."""
-    from maskflow import tracking
     from maskflow.stage import stage_main
 
     return stage_main(SFNetPredictConfig, lambda cfg, options: SFNetPredictStage(
