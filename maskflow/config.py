@@ -10,7 +10,8 @@ A YAML file may start with ``_base_: other.yaml`` (a path relative to the file) 
 Fields that hold data locations are typed :data:`Uri`. Code and configs travel with a job (``--config`` and
 ``_base_`` resolve against the working directory, which ``ray job submit --working-dir`` uploads); data does not, so
 a relative ``Uri`` resolves against ``$MASKFLOW_BASE_DIR`` when that is set (a directory the cluster shares with the
-submitter; ``cluster/local.sh`` sets it to the checkout), and inside an uploaded working directory without it is
+submitter, which ``cluster/local.sh`` sets to the checkout; or an ``s3://`` bucket prefix, as the Kubernetes manifests
+set it, so ``runs/...`` lands in the bucket), and inside an uploaded working directory without it is
 refused in one line (it would land in Ray's temporary copy and be lost when the job ends). Elsewhere it stays
 relative to the working directory.
 
@@ -192,6 +193,14 @@ def resolve_relative_uri(value: str, key: str) -> str:
     if "://" in path or os.path.isabs(os.path.expanduser(path)):
         return value
     base = os.environ.get(BASE_DIR_ENV)
+    if base and base.startswith("s3://"):  # a bucket as the base (the Kubernetes manifests): runs/... lands in it
+        if prefix:
+            raise ConfigError(f"{key}: {value!r} is a local database or file, which cannot live in {BASE_DIR_ENV}="
+                              f"{base}; give the tracking server's http:// URI (or an absolute path)")
+        path = os.path.normpath(path)
+        if path.startswith(".."):
+            raise ConfigError(f"{key}: {value!r} climbs out of {BASE_DIR_ENV}={base}; give an s3:// URI")
+        return base.rstrip("/") + "/" + path
     if base:
         if not os.path.isdir(base):
             raise ConfigError(f"{key}: {BASE_DIR_ENV}={base} is not a directory on this node; relative paths need a "
@@ -323,12 +332,25 @@ def _cli_args(argv: list[str] | None, description: str | None) -> argparse.Names
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (local path or s3:// URI)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config (YAML, _base_, overrides, every key's rules) and exit: runs nothing")
     return parser.parse_args(argv)
+
+
+class ConfigChecked(Exception):
+    """``--check``: the config parsed and validated; the job does not run (:func:`main_guard` exits 0)."""
+
+    def __init__(self, config: Any):
+        super().__init__(f"config ok: {type(config).__name__}")
+        self.config = config
 
 
 def parse_cli(schema: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     args = _cli_args(argv, description)
-    return load(schema, args.config, args.overrides)
+    cfg = load(schema, args.config, args.overrides)
+    if args.check:
+        raise ConfigChecked(cfg)
+    return cfg
 
 
 def parse_cli_dispatch(key: str, schema_of, argv: list[str] | None = None,
@@ -341,7 +363,10 @@ def parse_cli_dispatch(key: str, schema_of, argv: list[str] | None = None,
     value = data.pop(key, None)
     if not value or not isinstance(value, str):
         raise ConfigError(f"{key}: required (in the YAML or as {key}=...)")
-    return value, build(schema_of(value), data)
+    cfg = build(schema_of(value), data)
+    if args.check:
+        raise ConfigChecked(cfg)
+    return value, cfg
 
 
 class JobFailed(RuntimeError):
@@ -355,6 +380,8 @@ def main_guard(fn) -> None:
 
     try:
         fn()
+    except ConfigChecked as e:
+        print(e)
     except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -127,7 +127,7 @@ def markdown_table(cfg: ResultsConfig, rows: list[dict]) -> str:
     for r in rows:
         paper = "—" if r["paper"] is None else f"{r['paper']:g}"
         ours = r["metrics"].get(cfg.metric)
-        cells = [r["method"], r["role"], paper, "—" if ours is None else f"{ours * scale:.2f}"]
+        cells = [r["method"], r["role"], paper, "—" if ours is None else f"{ours * scale:.4g}"]
         cells += ["—" if r["metrics"].get(k) is None else f"{r['metrics'][k]:.4g}" for k in cfg.extra_metrics]
         cells += [r["train_time"], f"{r['seconds_per_item']:.4f}", f"`{r['model']}`"]
         lines.append("| " + " | ".join(cells) + " |")

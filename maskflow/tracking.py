@@ -10,7 +10,15 @@ What a model version's tags hold:
 * ``maskflow.kind``: the model's kind (its plugin's ``name``); absent on versions registered before kinds existed;
 * ``eval.<metric>``: each metric of its latest evaluation (``repr(float)``), ``eval.run_id``: that evaluation's run;
 * ``maskflow.metric`` / ``maskflow.higher_is_better``: the headline metric its evaluator declares and its direction,
-  which :func:`promote` uses unless told otherwise.
+  which :func:`promote` uses unless told otherwise;
+* ``maskflow.previous_champion``: on a version made champion, the version it replaced (what :func:`rollback` goes
+  back to), with ``maskflow.promoted_at`` / ``maskflow.promoted_by``; ``maskflow.rolled_back`` on one rolled back;
+* from a retraining run (:mod:`maskflow.retrain`): ``maskflow.data_digest`` / ``maskflow.data`` (what it was trained
+  on), ``maskflow.eval_data_digest`` (the pinned set its ``eval.*`` were scored on), ``maskflow.code_version``,
+  ``maskflow.parent_version`` (the champion it was compared with), ``maskflow.retrain_run_id``.
+
+A job started with ``MASKFLOW_PARENT_RUN_ID`` in its environment (:data:`PARENT_RUN_ENV`; retraining sets it) makes
+its MLflow run a child of that run.
 
 Locally the backend is sqlite (the registry needs a database); on a cluster it is a tracking server
 (``http://...``) with S3 artifacts, for which :func:`maskflow.storage.mlflow_environment` sets the endpoint.
@@ -37,6 +45,8 @@ EVAL_TAG_PREFIX = "eval."
 KIND_TAG = "maskflow.kind"
 METRIC_TAG = "maskflow.metric"
 HIGHER_IS_BETTER_TAG = "maskflow.higher_is_better"
+PREVIOUS_CHAMPION_TAG = "maskflow.previous_champion"
+PARENT_RUN_ENV = "MASKFLOW_PARENT_RUN_ID"
 
 
 @dataclass
@@ -109,9 +119,15 @@ def job_run(
     import mlflow
 
     setup(cfg, options)
-    with mlflow.start_run(run_name=run_name, tags={"maskflow.job": run_name, **(tags or {})}) as run:
+    with mlflow.start_run(run_name=run_name, tags={"maskflow.job": run_name, **parent_tags(), **(tags or {})}) as run:
         log_config(job_config)
         yield run
+
+
+def parent_tags() -> dict[str, str]:
+    """``{"mlflow.parentRunId": ...}`` when this job runs as a step of a parent run (:data:`PARENT_RUN_ENV`)."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    return {"mlflow.parentRunId": parent} if parent else {}
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -205,13 +221,14 @@ def declared_metric(name: str, version: str) -> tuple[str | None, bool | None, s
 
 
 def promote(name: str, metric: str | None = None, version: str | None = None,
-            higher_is_better: bool | None = None) -> dict:
+            higher_is_better: bool | None = None, margin: float = 0.0, by: str = "promote") -> dict:
     """Move ``champion`` to ``version`` (default: the candidate) only if its evaluation ``metric`` beats the champion's.
 
     ``metric`` and ``higher_is_better`` default to what the version's evaluation recorded (the evaluator's headline
     metric and direction: EPE is lower-is-better, AR higher), else to its kind's evaluator (:func:`declared_metric`);
     given, they override it. A metric with no known direction is higher-is-better. Returns what was decided, with
-    both values. A version without a recorded evaluation is never promoted.
+    both values. A version without a recorded evaluation is never promoted. ``margin``: the candidate must beat the
+    champion by more than this (in the metric's units); ``by`` is recorded on the new champion.
     """
     if version is None:
         cand = model_version_for_alias(name, CANDIDATE)
@@ -232,11 +249,12 @@ def promote(name: str, metric: str | None = None, version: str | None = None,
         raise ValueError(f"model {name!r} version {version} has no evaluation metric {metric!r}: evaluate it first")
     champ = model_version_for_alias(name, CHAMPION)
     old_value = evaluation_metric(name, str(champ.version), metric) if champ is not None else None
-    better = old_value is None or (new_value > old_value if higher_is_better else new_value < old_value)
+    better = old_value is None or (new_value > old_value + margin if higher_is_better
+                                   else new_value < old_value - margin)
     if champ is not None and str(champ.version) == version:
         better = False
     if better:
-        client().set_registered_model_alias(name, CHAMPION, version)
+        set_champion(name, version, by=by)
     decision = {
         "model": name,
         "metric": metric,
@@ -246,7 +264,47 @@ def promote(name: str, metric: str | None = None, version: str | None = None,
         "candidate_value": new_value,
         "champion_version": None if champ is None else str(champ.version),
         "champion_value": old_value,
+        "margin": margin,
         "promoted": better,
     }
     log.info("promotion decision: %s", decision)
+    return decision
+
+
+def set_champion(name: str, version: str, by: str = "hand") -> str | None:
+    """Alias ``version`` champion, recording on it the version it replaces (``maskflow.previous_champion``), when and
+    by what; returns the replaced version (None: there was no champion)."""
+    import time
+
+    c = client()
+    c.get_model_version(name, str(version))  # raises for a version that does not exist
+    champ = model_version_for_alias(name, CHAMPION)
+    previous = None if champ is None else str(champ.version)
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    if previous is not None and previous != str(version):
+        c.set_model_version_tag(name, str(version), PREVIOUS_CHAMPION_TAG, previous)
+    c.set_model_version_tag(name, str(version), "maskflow.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime()))
+    c.set_model_version_tag(name, str(version), "maskflow.promoted_by", by)
+    return previous
+
+
+def rollback(name: str) -> dict:
+    """Move ``champion`` back to the version the current champion replaced (its ``maskflow.previous_champion``);
+    the demoted version is tagged ``maskflow.rolled_back``. Raises ValueError when there is nothing to go back to."""
+    import time
+
+    champ = model_version_for_alias(name, CHAMPION)
+    if champ is None:
+        raise ValueError(f"model {name!r} has no {CHAMPION!r}: nothing to roll back")
+    previous = champ.tags.get(PREVIOUS_CHAMPION_TAG)
+    if not previous:
+        raise ValueError(f"model {name!r}: champion version {champ.version} replaced no earlier champion (it was the "
+                         "first): nothing to roll back to")
+    c = client()
+    c.set_registered_model_alias(name, CHAMPION, previous)
+    c.set_model_version_tag(name, str(champ.version), "maskflow.rolled_back",
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    decision = {"model": name, "champion_version": previous, "rolled_back_version": str(champ.version)}
+    log.info("rollback: %s", decision)
     return decision

@@ -31,6 +31,7 @@ from trainers.ffdnet import FFDNetTrainConfig  # noqa: E402
 from maskflow.stages.refine_proposals_config import RefineProposalsConfig  # noqa: E402
 from maskflow.stages.mask_patches_config import MaskPatchesConfig  # noqa: E402
 from trainers.sharpmask import SharpMaskTrainConfig  # noqa: E402
+from maskflow.retrain import RetrainConfig  # noqa: E402
 
 SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals": ProposalsConfig,
            "ingest": IngestConfig, "convert": ConvertConfig, "affine_pairs": AffinePairsConfig,
@@ -38,7 +39,8 @@ SCHEMAS = {"demo.yaml": DemoConfig, "maskrcnn": MaskRCNNTrainConfig, "proposals"
            "ffd_crops": FFDCropsConfig, "video_proposals": VideoProposalsConfig, "eval": EvaluateConfig,
            "sfnet": SFNetTrainConfig, "ffdnet": FFDNetTrainConfig,
            "refine_proposals": RefineProposalsConfig, "mask_patches": MaskPatchesConfig,
-           "sharpmask": SharpMaskTrainConfig, "hstn": None, "results": ResultsConfig}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
+           "sharpmask": SharpMaskTrainConfig, "hstn": None, "results": ResultsConfig,
+           "retrain": RetrainConfig}  # None: the file's ``task`` picks the schema (trainers/hstn.py)
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -215,7 +217,9 @@ def test_eval_output_to_proposals():
             assert len(box) == 4 and box[2] >= 0 and box[3] >= 0
         for seg in props["segmentations"]:
             assert seg["size"] == [48, 64] and isinstance(seg["counts"], str)
-        decoded = mask_utils.decode(props["segmentations"])
+        with warnings.catch_warnings():  # pycocotools' Masks.__array__ predates numpy 2's copy keyword (ops/masks.py)
+            warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
+            decoded = mask_utils.decode(props["segmentations"])
         assert decoded.shape == (48, 64, n)
         best = int(torch.argmax(out["scores"]))
         np.testing.assert_array_equal(decoded[:, :, 0], (out["masks"][best, 0] > 0.5).numpy())

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +11,7 @@ import pytest
 from maskflow import tracking
 from maskflow.runtime import Common, StorageConfig
 from maskflow.tracking import TrackingConfig
-
-VENV_BIN = Path(sys.executable).parent
+from tests import servers
 
 
 @pytest.fixture(scope="module")
@@ -229,66 +222,11 @@ def test_promote_without_candidate(tracking_cfg):
 # --------------------------------------------------------------------------------------------- real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-MLFLOW_SERVER_START_S = 180  # ~10 s on an idle 2-core machine (imports, migrations, uvicorn); far more when loaded
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    text = path.read_text(errors="replace").rstrip() if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback, healthy (GET /health) within MLFLOW_SERVER_START_S or one failure naming
-    why, with the tail of its log."""
-    port = _free_port()
-    log_path = tmp_path / "server.log"
-    log = open(log_path, "wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_ENABLE_TELEMETRY"] = "false"
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.monotonic()
-        failure = None
-        while failure is None:
-            if proc.poll() is not None:
-                failure = f"exited with status {proc.returncode} after {time.monotonic() - started:.0f} s"
-                break
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - started > MLFLOW_SERVER_START_S:
-                failure = f"not healthy at {url}/health after {MLFLOW_SERVER_START_S} s"
-            else:
-                time.sleep(0.5)
-        if failure:
-            log.flush()
-            pytest.fail(f"mlflow server did not start: {failure}; last lines of {log_path}:\n{_log_tail(log_path)}",
-                        pytrace=False)
+    """A real `mlflow server` on loopback (sqlite backend, local artifacts), healthy or one failure naming why."""
+    with servers.mlflow_server(tmp_path, f"sqlite:///{tmp_path}/srv.db", str(tmp_path / "artifacts")) as url:
         yield url, tmp_path
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)  # the server's own process group: uvicorn and its worker
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        log.close()
 
 
 @pytest.mark.slow

@@ -101,7 +101,7 @@ def _find_or_create_run(cfg: TrainJobConfig, run_name: str, model_name: str) -> 
             mlflow.MlflowClient().delete_tag(run_id, STOP_TAG)
         return run_id
     with mlflow.start_run(run_name=run_name, tags={"maskflow.job": f"train-{model_name}",
-                                                   "maskflow.train_name": run_name}) as run:
+                                                   "maskflow.train_name": run_name, **tracking.parent_tags()}) as run:
         tracking.log_config(cfg)
         return run.info.run_id
 
