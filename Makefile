@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test bench clean cluster cluster-stop results-proposals
+.PHONY: setup demo test test-e2e bench clean cluster cluster-stop results-proposals
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -18,8 +18,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python pipelines/demo.py --config conf/demo.yaml $(ARGS)
 
+# Two tiers: `make test` (everything but the end-to-end tier; ~13 min on 2 cores) and `make test-e2e` (whole jobs with
+# multi-worker training, node loss, the retraining scenarios, the documented cluster submit; ~20 min). CI runs both.
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
+
+test-e2e: setup
+	$(BIN)/python -m pytest -q -m e2e $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/proposals_throughput.py

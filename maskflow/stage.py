@@ -30,6 +30,7 @@ import json
 import logging
 import pickle
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -291,9 +292,18 @@ def process_unit(stage: Stage, unit: WorkUnit, output_uri: str, job_fingerprint:
         unit_fingerprint=unit.fingerprint(),
         job_fingerprint=job_fingerprint,
         seconds=round(time.perf_counter() - started, 3),
+        node=_node_id(),
     )
     storage.write_text(storage.join(output_uri, shards.record_name(unit.index)), json.dumps(record), options)
     return record
+
+
+def _node_id() -> str | None:
+    """The Ray node that made a shard (which node of a cluster wrote what; None outside Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 class _UnitWorker:

@@ -17,7 +17,7 @@ from maskflow.config import ConfigError
 from maskflow.evaluate import EvaluateConfig, evaluate_job
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # the end-to-end tier: make test-e2e
 
 AFFINE_STN, HSTN, ALIGN = "hstn-cls-affine-stn-test", "hstn-cls-test", "hstn-align-test"
 

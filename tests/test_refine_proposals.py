@@ -30,7 +30,7 @@ from maskflow.stages import refine_proposals as rp
 from tests.conftest import ROOT
 from tests.test_shards import rewrite_shard
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # the end-to-end tier: make test-e2e
 
 REFINER, NOT_A_REFINER = "ffdnet-test", "sharpmask-test"
 TOP_K, KEPT = 10, 20  # proposals refined / kept per image by the generator

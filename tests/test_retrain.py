@@ -32,7 +32,7 @@ from tests import servers
 from tests.conftest import ROOT
 from tests.test_hstn_train import stage_output
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # the end-to-end tier: make test-e2e
 sys.path.insert(0, str(ROOT / "pipelines"))  # the pipeline scripts import _bootstrap as a sibling module
 
 RETRAIN_CONFIG = ROOT / "conf" / "retrain" / "hstn_cls.yaml"

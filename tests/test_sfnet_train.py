@@ -18,7 +18,7 @@ from maskflow.evaluate import EvaluateConfig, evaluate_job
 from tests.conftest import ROOT
 from tests.test_sfnet import penn_fudan_pairs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # the end-to-end tier: make test-e2e
 
 MASKRCNN, SFNET = "pf-maskrcnn", "sfnet-test"
 

@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "pipelines"))  # the pipeline scripts import _bootstrap as a sibling module
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # the end-to-end tier: make test-e2e
 
 DEEPMASK, SHARPMASK = "deepmask-test", "sharpmask-test"
 FEW = {"positives_per_object": 2, "negatives_per_object": 2, "background_per_image": 1}

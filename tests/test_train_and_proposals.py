@@ -34,7 +34,7 @@ from ops.masks import mask_iou
 from tests.test_ingest import run_ingest
 from trainers.maskrcnn import MaskRCNNPlugin, MaskRCNNTrainConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # the end-to-end tier: make test-e2e
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "test-maskrcnn"
 

@@ -144,6 +144,9 @@ class ScalingConfig:
     workers: int = 1
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     cpus_per_worker: float = 1.0
+    # PACK: workers on as few nodes as fit them (fast local collectives); SPREAD: one per node where possible (a
+    # node lost costs one worker's share; the restart packs the group onto the nodes that are left)
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
 
     def validate(self) -> None:
         require(self.workers >= 1, "workers", "must be at least 1")

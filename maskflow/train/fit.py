@@ -182,6 +182,7 @@ def fit(plugin: ModelPlugin) -> FitResult:
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=fs,
