@@ -136,6 +136,25 @@ def data_digest(uris: list[str], options: storage.StorageOptions) -> dict:
     return {"digest": digest, "inputs": inputs}
 
 
+def what_is_new(champion, data: dict) -> str:
+    """One line: which inputs are new or changed against what the champion was trained on (its ``maskflow.data``)."""
+    total = f"{len(data['inputs'])} input(s), {sum(i['shards'] for i in data['inputs'])} shards"
+    if champion is None:
+        return f"no champion yet: training on {total}"
+    try:
+        before = json.loads(champion.tags.get(DATA_TAG, "{}"))
+    except ValueError:
+        before = {}
+    if not before:
+        return f"champion v{champion.version} records no training data: training on {total}"
+    known = set(before.values())
+    new = [i for i in data["inputs"] if i["digest"][:16] not in known]
+    gone = len(set(before.values()) - {i["digest"][:16] for i in data["inputs"]})
+    return (f"against champion v{champion.version}: {len(new)} new or changed input(s) "
+            f"({', '.join('%s (%d shards)' % (i['uri'], i['shards']) for i in new)})"
+            + (f", {gone} input(s) gone" if gone else "") + f"; training on {total}")
+
+
 # --------------------------------------------------------------------------------------------- the flow
 
 
@@ -152,6 +171,7 @@ class Retrain:
         self.status: dict[str, Any] = {"model": cfg.model_name, "host": socket.gethostname(),
                                        "started": _iso(self.started), "steps": self.steps}
         self.total_steps = len(cfg.stages) + 4  # stages, train, score champion, evaluate, promote
+        self.lease = None  # the lock, once taken (maskflow.locks.Lease)
 
     # ---- progress and record
 
@@ -214,7 +234,6 @@ class Retrain:
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.lease = None
         tracking.setup(cfg.tracking, self.options)
         data = data_digest(uri_list(cfg.data), self.options)
         self.status["data_digest"] = data["digest"]
@@ -224,6 +243,7 @@ class Retrain:
         reason = self._nothing_new(champion, data)
         if reason:
             return self._finish("nothing_new", reason)
+        log.info("[retrain %s] %s", cfg.model_name, what_is_new(champion, data))
         from maskflow.locks import Lease, LockHeld
 
         lease = Lease(storage.join(self.dir, LOCK_FILE), cfg.lock_ttl_s, f"retraining of {cfg.model_name}",

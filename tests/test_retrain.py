@@ -8,8 +8,9 @@ Scenarios, in order (each builds on the registry the previous one left):
 2. a second run with no new data is a no-op in seconds;
 3. new data appended: one run trains while a second one started at the same time finds the lock and stops; the
    first promotes only if it beats the champion by the margin;
-4. a candidate that cannot learn, killed during training: started again it resumes the same training run, is
-   evaluated and not promoted; the champion is untouched;
+4. a candidate that cannot learn, killed during training: started again it resumes the same training run, scores
+   the champion again (its score came from another evaluation set), is evaluated and not promoted; the champion is
+   untouched;
 5. rollback from the command line puts the previous champion back.
 """
 
@@ -180,7 +181,9 @@ def test_retraining_flow_against_postgres_and_s3(ray_local, digit_sets, producti
     assert f"retrain {model}: {status_a['result']}" in summary, summary
 
     # 4. A candidate that cannot learn (lr 1e-9), forced on the same data, killed once its first checkpoint exists;
-    #    started again it resumes that training run, evaluates, and is not promoted.
+    #    started again it resumes that training run, evaluates, and is not promoted. The champion's score is made to
+    #    look as if it came from another evaluation set: the run scores the champion again first.
+    client.set_model_version_tag(model, champion, "maskflow.eval_data_digest", "another-evaluation-set")
     bad = overrides(digit_sets, url, bucket, endpoint, ckpt, model, [digit_sets["first"], digit_sets["new"]],
                     extra_train=["optim.lr=1e-9", "loop.epochs=4"], force="true")
     log_c = tmp_path / "retrain-c.log"
@@ -200,6 +203,9 @@ def test_retraining_flow_against_postgres_and_s3(ray_local, digit_sets, producti
     assert "train" not in state["done"] and not state.get("finished")
     status = run_in_process(bad)
     assert status["result"] == "not_promoted" and status.get("resumed"), status
+    steps = {s["step"]: s["status"] for s in status["steps"]}
+    assert steps == {"train": "ran", "score champion": "ran", "evaluate": "ran", "promote": "ran"}, steps
+    assert client.get_model_version(model, champion).tags["maskflow.eval_data_digest"] == status["eval_data_digest"]
     v3 = status["candidate_version"]
     assert str(client.get_model_version_by_alias(model, "champion").version) == champion
     train_runs = mlflow.search_runs(search_all_experiments=True, output_format="list",

@@ -176,3 +176,15 @@ def test_models_command_line_in_a_shell(tracking_cfg):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: model: no registered model 'nope' (see: python "
                                                 "pipelines/models.py list)"]
+
+
+def test_what_is_new_names_the_new_inputs():
+    from types import SimpleNamespace
+
+    from maskflow.retrain import what_is_new
+
+    a, b = {"uri": "/a", "digest": "a" * 64, "shards": 2}, {"uri": "/b", "digest": "b" * 64, "shards": 1}
+    champion = SimpleNamespace(version="3", tags={"maskflow.data": json.dumps({"/a": "a" * 16, "/old": "c" * 16})})
+    assert what_is_new(champion, {"inputs": [a, b]}) == \
+        "against champion v3: 1 new or changed input(s) (/b (1 shards)), 1 input(s) gone; training on 2 input(s), 3 shards"
+    assert what_is_new(None, {"inputs": [a]}) == "no champion yet: training on 1 input(s), 2 shards"
