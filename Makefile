@@ -18,7 +18,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python pipelines/demo.py --config conf/demo.yaml $(ARGS)
 
-# Two tiers: `make test` (everything but the end-to-end tier; ~13 min on 2 cores) and `make test-e2e` (whole jobs with
+# Two tiers: `make test` (everything but the end-to-end tier; ~12 min on 2 cores) and `make test-e2e` (whole jobs with
 # multi-worker training, node loss, the retraining scenarios, the documented cluster submit; ~20 min). CI runs both.
 test: setup
 	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)

@@ -290,13 +290,15 @@ class Retrain:
             state = {"data_digest": data["digest"], "started": _iso(self.started), "done": {},
                      "attempt": time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.started)),
                      "champion": None if champion is None else str(champion.version)}
-        done = state["done"]
+        done = state.setdefault("done", {})
+        state.setdefault("attempt", time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.started)))
         parent_run_id = self._parent_run(state, data)
         self.status["run_id"] = parent_run_id
         os.environ[tracking.PARENT_RUN_ENV] = parent_run_id
         eval_data = data_digest([cfg.eval.data], self.options)
         self.status["eval_data_digest"] = eval_data["digest"]
-        # the champion compared against is the one this attempt started with (state), read again now
+        # The champion this attempt compares against: the one it started with (kept in the state, so a resumed
+        # attempt compares against the same version; _promote refuses if the champion moved meanwhile).
         champion_version = state.get("champion")
         places = {"{workdir}": self.dir, "{digest}": data["digest"][:12],
                   "{data}": "[" + ", ".join(uri_list(cfg.data)) + "]",

@@ -202,9 +202,8 @@ def test_training_loses_a_node_and_resumes_from_its_last_checkpoint(two_nodes, d
 
 @pytest.mark.parametrize("two_nodes", [(2, 2)], indirect=True)  # 1 actor a node; both fit on the head after the loss
 def test_stage_loses_a_node_and_still_writes_every_sample_once(two_nodes, penn_fudan_coco, tmp_path):
-    from maskflow.stages.ingest import IngestConfig  # noqa: F401  (the stage the inputs come from, below)
-    from tests.test_ingest import run_ingest
     from maskflow.storage import DEFAULT_OPTIONS
+    from tests.test_ingest import run_ingest
 
     images = tmp_path / "images"
     run_ingest(*penn_fudan_coco, str(images), DEFAULT_OPTIONS, per_shard=4)  # 15 units of 4 photographs
