@@ -282,8 +282,8 @@ class EvaluateProposalsConfig(Common):
 
 def evaluate_proposals(cfg: EvaluateProposalsConfig) -> dict:
     """AR@k of a proposals output on the evaluation harness (:func:`maskflow.evaluate.evaluate_job`), attached to
-    the model version when one is named. Returns :func:`evaluate_proposal_samples`'s dict plus ``run_id`` and the
-    harness's return value under ``"evaluation"``."""
+    the model version when one is named. Returns :func:`evaluate_proposal_samples`'s dict (AR@k for the reported k
+    only: :meth:`ProposalAR.reported_ks`) plus ``run_id`` and the harness's return value under ``"evaluation"``."""
     from maskflow.evaluate import EvaluateConfig, evaluate_job
 
     job = EvaluateConfig(ray=cfg.ray, storage=cfg.storage, tracking=cfg.tracking, evaluator=ProposalAR.name,
@@ -292,4 +292,9 @@ def evaluate_proposals(cfg: EvaluateProposalsConfig) -> dict:
     job.validate()
     evaluator = ProposalAR(cfg.max_proposals)
     evaluation = evaluate_job(job, evaluator)
-    return {**evaluator.result, "run_id": evaluation["run_id"], "evaluation": evaluation}
+    # AR@k only for the k the kept proposals tell apart (as the evaluation run reports them): a demo keeping 100
+    # proposals an image would otherwise print an AR@1000 that is its AR@100
+    full, ks = evaluator.result, evaluator.reported_ks()
+    result = {k: v for k, v in full.items() if not (k.startswith("AR@") and int(k[3:]) not in ks)}
+    result["recall"] = {k: full["recall"][k] for k in ks}
+    return {**result, "run_id": evaluation["run_id"], "evaluation": evaluation}
