@@ -57,11 +57,12 @@ class Lease:
         self.uri, self.ttl_s, self.what, self.options = uri, float(ttl_s), what, options
         self.owner = uuid.uuid4().hex
         self.held = False
+        self.acquired: float | None = None  # when this holder took it (kept across renewals)
 
     def _body(self) -> bytes:
         now = time.time()
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "acquired": now, "expires": now + self.ttl_s, "what": self.what}).encode()
+                           "acquired": self.acquired or now, "expires": now + self.ttl_s, "what": self.what}).encode()
 
     def read(self) -> dict | None:
         """The lock's content, or None when there is no lock."""
@@ -69,7 +70,7 @@ class Lease:
             return json.loads(storage.read_bytes(self.uri, self.options))
         except FileNotFoundError:
             return None
-        except Exception as e:  # S3's missing key, or a lock object cut short by a crash mid-write
+        except Exception as e:  # a lock object cut short by a crash mid-write: unreadable
             if storage.exists(self.uri, self.options):
                 log.warning("lock %s is unreadable (%s): treating it as expired", self.uri, type(e).__name__)
                 return {"expires": 0, "owner": "?", "host": "?", "pid": "?"}
@@ -78,6 +79,7 @@ class Lease:
     def acquire(self) -> None:
         """Take the lock, breaking it if it has expired; :class:`LockHeld` (one line: by whom, until when) if not."""
         for _ in range(3):
+            self.acquired = time.time()
             if storage.create_exclusive(self.uri, self._body(), self.options):
                 self.held = True
                 return
