@@ -85,8 +85,7 @@ def test_data_digest_follows_content_not_order_or_location(tmp_path):
     a, b = output("a", [b"1", b"2"]), output("b", [b"3"])
     same_as_a = output("a-copy", [b"1", b"2"])
     d = data_digest([a, b], storage.DEFAULT_OPTIONS)
-    assert d == {**data_digest([b, a], storage.DEFAULT_OPTIONS), "inputs": d["inputs"][::-1][::-1]}
-    assert data_digest([b, a], storage.DEFAULT_OPTIONS)["digest"] == d["digest"]
+    assert data_digest([b, a], storage.DEFAULT_OPTIONS)["digest"] == d["digest"]  # order-independent
     assert data_digest([same_as_a, b], storage.DEFAULT_OPTIONS)["digest"] == d["digest"]  # a copy elsewhere
     changed = output("a-changed", [b"1", b"2!"])
     assert data_digest([changed, b], storage.DEFAULT_OPTIONS)["digest"] != d["digest"]
