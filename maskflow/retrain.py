@@ -49,6 +49,7 @@ from maskflow.config import ConfigError, Uri, require
 from maskflow.train.config import uri_list
 from maskflow.results import JobStep, run_script
 from maskflow.runtime import Common, format_seconds
+from maskflow.stage import code_version, one_line_error
 
 log = logging.getLogger("maskflow.retrain")
 
@@ -192,7 +193,7 @@ class Retrain:
             result = fn() or {}
         except BaseException as e:
             self.steps.append({"step": name, "status": "failed", "seconds": round(time.perf_counter() - t0, 1),
-                               "error": _one_line(e)})
+                               "error": one_line_error(e)})
             raise
         seconds = round(time.perf_counter() - t0, 1)
         self.steps.append({"step": name, "status": "ran", "seconds": seconds, **result})
@@ -333,7 +334,7 @@ class Retrain:
                                                                           parent_run_id), done, state)
         except BaseException as e:
             os.environ.pop(tracking.PARENT_RUN_ENV, None)
-            self._finish("failed", f"{self.steps[-1]['step'] if self.steps else 'set-up'} failed: {_one_line(e)}; "
+            self._finish("failed", f"{self.steps[-1]['step'] if self.steps else 'set-up'} failed: {one_line_error(e)}; "
                          "champion untouched; run it again to continue from there", parent_run_id, failed=True)
             raise
         os.environ.pop(tracking.PARENT_RUN_ENV, None)
@@ -405,8 +406,6 @@ class Retrain:
         if not version:
             raise RuntimeError(f"train: {cfg.train.script} registered no version of {cfg.model_name} (no "
                                "registry.model_name, or registration failed): nothing to evaluate")
-        from maskflow.stage import code_version
-
         c = tracking.client()
         tags = {DATA_DIGEST_TAG: data["digest"], DATA_TAG: json.dumps({i["uri"]: i["digest"][:16]
                                                                       for i in data["inputs"]})[:4900],
@@ -463,11 +462,6 @@ def step_overrides(cfg: RetrainConfig, tracking_uri: str) -> list[str]:
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _brief(result: dict) -> str:

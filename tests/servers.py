@@ -8,7 +8,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,10 @@ from typing import Iterator
 
 import pytest
 
+from maskflow.runtime import free_port
+
 VENV_BIN = Path(sys.executable).parent
 MLFLOW_SERVER_START_S = 180  # ~10 s on an idle 2-core machine (imports, migrations, uvicorn); far more when loaded
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

@@ -218,4 +218,8 @@ def test_ray_up_file_holds_rays_cluster_schema():
     import ray.autoscaler
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(yaml.safe_load((CLUSTER / "ray-up.yaml").read_text()), schema)
+    validator = jsonschema.Draft7Validator(schema)
+    ray_up = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
+    assert [e.message for e in validator.iter_errors(ray_up)] == []
+    ray_up["max_worker"] = 3  # misspelt: the schema refuses unknown keys, so the check above can fail
+    assert any("max_worker" in e.message for e in validator.iter_errors(ray_up))

@@ -18,6 +18,8 @@ the right kind, ``runs:/``, or a trainer checkpoint built with ``model.arch``).
 
 from __future__ import annotations
 
+import abc
+
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -169,15 +171,17 @@ class _ModelStage(Stage):
                 problem = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
                 yield Reject(sample["__key__"], problem, source=unit.source)
 
+    @abc.abstractmethod
     def input_schema(self) -> schema.SampleSchema:
         """The kind of sample the stage reads (an input of another kind fails in one line while planning)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, sample: dict):
-        raise NotImplementedError
+        """One input sample -> what :meth:`predict` takes for it (ValueError / KeyError: the sample is rejected)."""
 
+    @abc.abstractmethod
     def predict(self, items: list[tuple[dict, object]]) -> list[dict]:
-        raise NotImplementedError
+        """A batch of (sample, decoded) -> one output sample each."""
 
 
 class DigitPredictStage(_ModelStage):
